@@ -1,0 +1,1 @@
+"""clusterfx: rewrite dense attention into clustered attention with torch.compile passes."""
