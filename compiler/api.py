@@ -1,0 +1,141 @@
+"""What users call: `compile`, `transform`, `explain`."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .backend import LAST_STATE, ClusterfxBackend, CompileState, check_backend
+from .policy import Policy
+from .report import Report, Row
+
+
+@contextlib.contextmanager
+def _mha_fast_path_off():
+    """nn.MultiheadAttention / TransformerEncoderLayer take a fused fast path in eval under
+    no_grad; tracing the ordinary path lets the passes see (and rewrite) the attention."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+class CompiledModule(torch.nn.Module):
+    """The result of `clusterfx.compile` on an `nn.Module`: call it like the model."""
+
+    def __init__(self, model: torch.nn.Module, compiled: Any, state: CompileState):
+        super().__init__()
+        self._orig_mod = model
+        self._compiled = compiled
+        self._clusterfx_state = state
+
+    def forward(self, *args, **kwargs):
+        with _mha_fast_path_off():
+            return self._compiled(*args, **kwargs)
+
+
+class CompiledFunction:
+    """The result of `clusterfx.compile` on a plain callable."""
+
+    def __init__(self, fn: Any, compiled: Any, state: CompileState):
+        self._orig_fn = fn
+        self._compiled = compiled
+        self._clusterfx_state = state
+
+    def __call__(self, *args, **kwargs):
+        with _mha_fast_path_off():
+            return self._compiled(*args, **kwargs)
+
+
+def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any = None, *,
+            strict: bool = False, dump_dir: str | Path | None = None,
+            **torch_compile_kwargs: Any) -> CompiledModule | CompiledFunction:
+    """Compile `model` with every attention rewritten per `policy` (see `Policy`).
+
+    `backend`: "inductor" (default), "aot_eager", "eager", or any registered dynamo backend.
+    `strict=True`: a policy key that matches no site, or a config that cannot apply, raises.
+    `dump_dir`: write each graph's code before/after every pass and SVG pictures of each site.
+    Other keyword arguments (`dynamic`, `fullgraph`, `mode`, `options`...) go to torch.compile.
+    """
+    if not callable(model):
+        raise TypeError(f"model ({type(model).__name__}) must be an nn.Module or a callable")
+    resolved = Policy.make(policy, strict=strict)
+    check_backend(backend)
+    if mesh is not None:
+        raise NotImplementedError("sequence parallelism (mesh=...) is not available yet")
+    state = CompileState(resolved, backend, Path(dump_dir) if dump_dir is not None else None)
+    compiled = torch.compile(model, backend=ClusterfxBackend(state), **torch_compile_kwargs)
+    if isinstance(model, torch.nn.Module):
+        return CompiledModule(model, compiled, state)
+    return CompiledFunction(model, compiled, state)
+
+
+def transform(model: Any, example_inputs: Any, policy: Any = None, *,
+              strict: bool = False) -> fx.GraphModule:
+    """Capture `model(*example_inputs)` and return the rewritten graph (code that runs).
+
+    The model must capture as one graph (no graph breaks)."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (
+        example_inputs,)
+    resolved = Policy.make(policy, strict=strict)
+    state = CompileState(resolved, "eager")
+    captured: list[fx.GraphModule] = []
+
+    class _Keep(ClusterfxBackend):
+        def __call__(self, gm, ex, mode=None, options=None):
+            fn = super().__call__(gm, ex)
+            captured.append(gm)
+            return fn
+
+    torch._dynamo.reset()
+    with _mha_fast_path_off():
+        torch.compile(model, backend=_Keep(state), fullgraph=True)(*inputs)
+    gm = captured[-1]
+    gm.meta["clusterfx_report"] = _report(state)
+    _check_strict(state)
+    return gm
+
+
+def _report(state: CompileState) -> Report:
+    records = state.latest_records()
+    rows = [Row(site) for rec in records for site in rec.sites]
+    paths = [r.fqn for r in rows]
+    return Report(rows=rows, unmatched_keys=state.policy.unmatched_keys(paths),
+                  graphs=len(records), compiles=len(state.records),
+                  pass_seconds=sum(sum(r.pass_seconds.values()) for r in records),
+                  policy=state.policy.to_dict())
+
+
+def _check_strict(state: CompileState) -> None:
+    if not state.policy.strict:
+        return
+    report = _report(state)
+    if report.unmatched_keys:
+        raise ValueError(f"policy keys matched no attention site: {report.unmatched_keys}; "
+                         f"sites are {[r.fqn for r in report.rows]}")
+
+
+def explain(compiled: Any = None, *inputs: Any, **kwargs: Any) -> Report:
+    """The Report of a `clusterfx.compile`d model (after at least one call). With inputs, the
+    model is first run on them. With no argument, the latest `backend="clusterfx"` compile."""
+    if compiled is None:
+        state = LAST_STATE[0]
+        if state is None:
+            raise ValueError("nothing has been compiled with backend='clusterfx' yet")
+        return _report(state)
+    state = getattr(compiled, "_clusterfx_state", None)
+    if state is None:
+        raise TypeError(f"explain() takes what clusterfx.compile returned, got "
+                        f"{type(compiled).__name__}")
+    if inputs or kwargs:
+        compiled(*inputs, **kwargs)
+    if not state.records:
+        raise ValueError("the model has not run yet: call it once, or pass inputs to explain()")
+    _check_strict(state)
+    return _report(state)

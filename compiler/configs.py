@@ -1,0 +1,148 @@
+"""Per-site rewrite configs: frozen dataclasses that validate themselves and serialise to dicts.
+
+A policy maps module paths to one of these; `None` in a policy means "leave dense".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+_CLUSTERINGS = ("hamming", "kmeans")
+
+
+def _positive_int(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{owner}: {name} ({value!r}) must be a positive int")
+
+
+def _optional_seed(owner: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{owner}: seed ({value!r}) must be None or a non-negative int")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Base of every rewrite config; `name` is what reports and serialised policies show."""
+
+    name: ClassVar[str] = "base"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class Dense(AttentionConfig):
+    """Keep exact attention: the canonical node becomes `F.scaled_dot_product_attention`."""
+
+    name: ClassVar[str] = "dense"
+
+
+@dataclass(frozen=True)
+class Clustered(AttentionConfig):
+    """Clustered attention (Vyas et al. 2020): LSH + Hamming K-means over queries, one
+    attention row per centroid, broadcast back to the cluster's members.
+
+    `min_length`: inputs with fewer keys than this run dense (the paper's `conditional-full`).
+    """
+
+    name: ClassVar[str] = "clustered"
+    clusters: int = 100
+    iterations: int = 10
+    bits: int = 63
+    seed: int | None = None
+    clustering: str = "hamming"
+    min_length: int = 0
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _positive_int(owner, "clusters", self.clusters)
+        _positive_int(owner, "iterations", self.iterations)
+        bits = self.bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 63:
+            raise ValueError(f"{owner}: bits ({self.bits!r}) must be an int in 1..63")
+        _optional_seed(owner, self.seed)
+        if self.clustering not in _CLUSTERINGS:
+            raise ValueError(
+                f"{owner}: clustering ({self.clustering!r}) must be one of {_CLUSTERINGS}"
+            )
+        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or (
+            self.min_length < 0
+        ):
+            raise ValueError(f"{owner}: min_length ({self.min_length!r}) must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class ImprovedClustered(Clustered):
+    """i-clustered attention: clustered attention whose per-cluster top-k keys are
+    recomputed exactly per query and scaled by the cluster's attention mass on them."""
+
+    name: ClassVar[str] = "improved_clustered"
+    clusters: int = 25
+    topk: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int(type(self).__name__, "topk", self.topk)
+
+
+@dataclass(frozen=True)
+class TopK(AttentionConfig):
+    """Exact top-k attention: each query attends to its k highest-scoring keys only."""
+
+    name: ClassVar[str] = "topk"
+    k: int = 32
+    chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        _positive_int("TopK", "k", self.k)
+        _positive_int("TopK", "chunk_size", self.chunk_size)
+
+
+@dataclass(frozen=True)
+class PatchToCluster(AttentionConfig):
+    """Patch-to-cluster attention (PaCa-ViT): N queries attend to M learned cluster tokens."""
+
+    name: ClassVar[str] = "patch_to_cluster"
+    clusters: int = 49
+
+    def __post_init__(self) -> None:
+        _positive_int("PatchToCluster", "clusters", self.clusters)
+
+
+@dataclass(frozen=True)
+class Auto(AttentionConfig):
+    """Let the cost model choose: dense below the crossover length, `candidate` above it."""
+
+    name: ClassVar[str] = "auto"
+    candidate: AttentionConfig = dataclasses.field(default_factory=lambda: ImprovedClustered())
+    max_error: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.candidate, AttentionConfig) or isinstance(self.candidate, Auto):
+            raise ValueError(
+                f"Auto: candidate ({self.candidate!r}) must be a non-Auto attention config"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.name, "candidate": self.candidate.to_dict(),
+                "max_error": self.max_error}
+
+
+CONFIG_TYPES: dict[str, type[AttentionConfig]] = {
+    c.name: c for c in (Dense, Clustered, ImprovedClustered, TopK, PatchToCluster, Auto)
+}
+
+
+def config_from_dict(data: dict[str, Any] | None) -> AttentionConfig | None:
+    """Inverse of `AttentionConfig.to_dict` (None stays None)."""
+    if data is None:
+        return None
+    data = dict(data)
+    kind = data.pop("type", None)
+    if kind not in CONFIG_TYPES:
+        raise ValueError(f"config type ({kind!r}) must be one of {sorted(CONFIG_TYPES)}")
+    if kind == "auto":
+        data["candidate"] = config_from_dict(data["candidate"])
+    return CONFIG_TYPES[kind](**data)

@@ -1,0 +1,144 @@
+"""`Report`: one row per attention site: what was found, what was done, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ..passes.site import Site
+
+_COLUMNS = ("fqn", "spelling", "shapes", "mask", "causal", "rewrite", "status", "flops",
+            "memory", "reason")
+
+
+def _fmt_shape(shape: tuple) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _human(x: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+@dataclass
+class Row:
+    site: Site
+
+    @property
+    def fqn(self) -> str:
+        return self.site.fqn
+
+    @property
+    def spelling(self) -> str:
+        return self.site.spelling
+
+    @property
+    def rewrite(self) -> str:
+        return self.site.rewrite
+
+    @property
+    def status(self) -> str:
+        return self.site.status
+
+    @property
+    def reason(self) -> str:
+        return self.site.reason
+
+    def costs(self) -> dict[str, Any]:
+        """Symbolic FLOPs/bytes before and after, and their values at the observed shapes."""
+        hints = self.site.extra.get("hints", {})
+        out: dict[str, Any] = {}
+        for when in ("before", "after"):
+            cost = self.site.extra.get(f"cost_{when}")
+            if cost is None:
+                continue
+            flops, memory = cost.at(hints)
+            out[f"flops_{when}"] = sympy.simplify(cost.flops)
+            out[f"memory_{when}"] = sympy.simplify(cost.memory)
+            out[f"flops_{when}_value"] = flops
+            out[f"memory_{when}_value"] = memory
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.site
+        costs = {k: (str(v) if isinstance(v, sympy.Basic) else v)
+                 for k, v in self.costs().items()}
+        return {
+            "fqn": s.fqn, "spelling": s.spelling, "q_shape": [str(d) for d in s.q_shape],
+            "k_shape": [str(d) for d in s.k_shape], "v_shape": [str(d) for d in s.v_shape],
+            "dtype": s.dtype, "mask": s.mask, "causal": s.causal, "scale": _jsonable(s.scale),
+            "dropout_p": s.dropout_p, "gqa_groups": s.gqa_groups, "rewrite": s.rewrite,
+            "policy_key": s.policy_key, "status": s.status, "reason": s.reason,
+            "probs_used_by": list(s.probs_used_by), "graph": s.graph_index, **costs,
+        }
+
+    def cells(self) -> list[str]:
+        s = self.site
+        c = self.costs()
+        flops = memory = "-"
+        if "flops_before_value" in c:
+            flops = f"{_human(c['flops_before_value'])} -> {_human(c['flops_after_value'])}"
+            memory = (f"{_human(c['memory_before_value'])}B -> "
+                      f"{_human(c['memory_after_value'])}B")
+        shapes = f"q{_fmt_shape(s.q_shape)} k{_fmt_shape(s.k_shape)}"
+        mask = s.mask + (f"{_fmt_shape(s.mask_shape)}" if s.mask != "none" else "")
+        return [s.fqn or "<root>", s.spelling, shapes, mask, "yes" if s.causal else "no",
+                s.rewrite, s.status, flops, memory, s.reason]
+
+
+def _jsonable(x: Any) -> Any:
+    return x if isinstance(x, (int, float, str, type(None))) else str(x)
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    unmatched_keys: list[str] = field(default_factory=list)
+    graphs: int = 0
+    compiles: int = 0
+    pass_seconds: float = 0.0
+    policy: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i]
+
+    def _table(self) -> list[list[str]]:
+        return [list(_COLUMNS)] + [r.cells() for r in self.rows]
+
+    def __str__(self) -> str:
+        table = self._table()
+        widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                 for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(self._footer())
+        return "\n".join(lines)
+
+    def _footer(self) -> str:
+        text = (f"{len(self.rows)} attention site(s) in {self.graphs} graph(s), "
+                f"{self.compiles} compile(s); passes took {self.pass_seconds * 1e3:.1f} ms")
+        if self.unmatched_keys:
+            text += f"\npolicy keys that matched no site: {', '.join(self.unmatched_keys)}"
+        return text
+
+    def to_markdown(self) -> str:
+        table = self._table()
+        esc = [[cell.replace("|", "\\|") for cell in row] for row in table]
+        lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
+        return "\n".join(lines) + "\n\n" + self._footer() + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [r.to_dict() for r in self.rows], "unmatched_keys": self.unmatched_keys,
+                "graphs": self.graphs, "compiles": self.compiles,
+                "pass_seconds": self.pass_seconds, "policy": self.policy}

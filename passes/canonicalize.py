@@ -1,0 +1,643 @@
+"""Canonicalise attention: every spelling becomes one `clusterfx::attention` node.
+
+Before (one of many spellings; dynamo torch IR):
+    s = q @ k.transpose(-2, -1) / math.sqrt(d)
+    s = s.masked_fill(pad[:, None, None, :] == 0, float("-inf"))
+    p = F.dropout(torch.softmax(s.float(), dim=-1).to(q.dtype), 0.1, training)
+    o = p @ v
+After:
+    o = torch.ops.clusterfx.attention(q, k, v, keep_mask, 0.1, False, 0.125, False)
+
+The match starts at each softmax over the last dim: forward through casts and dropout to a
+matmul whose left operand are the probabilities (`@`, `matmul`, `bmm`, `einsum`), backward through
+casts, scalar scales, additive masks, `masked_fill` and `where` to the score matmul
+(`@`, `matmul`, `bmm`, `baddbmm`, `einsum`), whose operands yield q and k (scales on q or k,
+transposes, `.mT`, permutes and GQA `expand`/`repeat_interleave` are folded). Explicit
+`F.scaled_dot_product_attention` calls are read directly. A softmax whose forward side is not
+`probs @ v` is not attention and is never touched. An attention-shaped softmax that cannot be
+read, or whose probabilities are used elsewhere, stays as written and is recorded with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..ops.attention import attention as canonical_attention
+from . import graph_utils as gu
+from .einsum_spec import EinsumNotAttention, read_scores, read_values
+from .mask_analysis import evaluate_static, is_causal_pattern
+from .site import SITE_META, UNSUPPORTED, Site, hints_of, shape_of
+
+_MIN_FILL = -1e4  # a fill at or below this is a mask, not a score edit
+
+
+class NotAttention(Exception):
+    """The softmax is not an attention (classifier head, gate, router...)."""
+
+
+class Unsupported(Exception):
+    """Attention-shaped, but the spelling cannot be read exactly."""
+
+
+@dataclass
+class MaskTerm:
+    node: Any  # the mask tensor node (bool or float)
+    kind: str  # "keep" (bool, True = attend) | "drop" (bool, True = masked) | "add"
+    fill: float | None = None  # for keep/drop: the value given to masked scores
+    outer: list = field(default_factory=list)  # scale factors applied after this term
+
+
+@dataclass
+class Match:
+    spelling: str
+    q: Any
+    k: Any
+    v: Any
+    factors: list = field(default_factory=list)
+    masks: list[MaskTerm] = field(default_factory=list)
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    gqa_groups: int = 1
+    out_perm: tuple | None = None
+    pre_ops: list = field(default_factory=list)  # (target, perm) for q/k/v permutes
+
+
+# --------------------------------------------------------------------------- reading helpers
+
+def _softmax_dim(node: fx.Node) -> tuple[Any, Any] | None:
+    if gu.is_function(node, *gu.SOFTMAXES):
+        return gu.arg(node, 0, "input"), gu.arg(node, 1, "dim")
+    if gu.is_method(node, "softmax"):
+        return node.args[0], gu.arg(node, 1, "dim")
+    return None
+
+
+def _is_cast(node: Any) -> bool:
+    if gu.is_method(node, *gu.CAST_METHODS):
+        val = gu.value_of(node)
+        return isinstance(val, torch.Tensor) and val.is_floating_point()
+    return False
+
+
+def _dropout(node: fx.Node) -> float | None:
+    """The effective dropout probability of a dropout node, or None if `node` is none."""
+    if gu.is_function(node, torch.nn.functional.dropout):
+        p, training = gu.arg(node, 1, "p", 0.5), gu.arg(node, 2, "training", True)
+    elif gu.is_function(node, torch.dropout):
+        p, training = gu.arg(node, 1, "p"), gu.arg(node, 2, "train")
+    else:
+        return None
+    if not isinstance(training, bool) or gu.static_number(p) is None:
+        raise Unsupported("dropout with a non-constant probability or training flag")
+    return float(p) if training else 0.0
+
+
+def _matmul_operands(node: Any) -> tuple[Any, Any] | None:
+    if gu.is_function(node, *gu.MATMULS):
+        return node.args[0], node.args[1]
+    if gu.is_method(node, "matmul", "bmm", "__matmul__"):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _is_score_producer(node: Any) -> bool:
+    return (_matmul_operands(node) is not None or gu.is_function(node, torch.baddbmm)
+            or gu.is_method(node, "baddbmm") or gu.is_function(node, *gu.EINSUMS))
+
+
+def _einsum_parts(node: fx.Node) -> tuple[str, list]:
+    eq, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    return eq, ops
+
+
+def _swap_last2(node: Any) -> bool:
+    """Is `node` a transpose of exactly the last two dims?"""
+    nd = gu.ndim(node)
+    if nd is None:
+        return False
+    if gu.is_function(node, getattr) and node.args[1] == "mT":
+        return True
+    if gu.is_method(node, "transpose") or gu.is_function(node, torch.transpose):
+        dims = sorted(d % nd for d in node.args[1:3])
+        return dims == [nd - 2, nd - 1]
+    if gu.is_method(node, "permute") or gu.is_function(node, torch.permute):
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        perm = [p % nd for p in perm]
+        return perm == list(range(nd - 2)) + [nd - 1, nd - 2]
+    return False
+
+
+def _scalar_operand(node: fx.Node) -> tuple[Any, Any] | None:
+    """For `x * s` / `s * x` with s scalar-like: (x, s)."""
+    a, b = node.args[0], node.args[1]
+    if gu.is_scalar_like(b) and isinstance(a, fx.Node) and not gu.is_scalar_like(a):
+        return a, b
+    if gu.is_scalar_like(a) and isinstance(b, fx.Node) and not gu.is_scalar_like(b):
+        return b, a
+    return None
+
+
+class Reciprocal:
+    def __init__(self, x: Any):
+        self.x = x
+
+
+def _peel_scale(node: Any, factors: list) -> Any:
+    """Strip scalar multiplications/divisions (and `contiguous`) off a q or k operand."""
+    while isinstance(node, fx.Node):
+        if gu.is_function(node, *gu.MUL_FUNCS) or gu.is_method(node, "mul"):
+            split = _scalar_operand(node)
+            if split is None:
+                break
+            node = split[0]
+            factors.append(split[1])
+        elif (gu.is_function(node, *gu.DIV_FUNCS) or gu.is_method(node, "div")) and \
+                gu.is_scalar_like(node.args[1]) and not gu.is_scalar_like(node.args[0]):
+            factors.append(Reciprocal(node.args[1]))
+            node = node.args[0]
+        elif gu.is_method(node, "contiguous"):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _reaches_scores(node: Any, depth: int = 16) -> bool:
+    """Does `node` come from a score matmul through ops the backward walk accepts?"""
+    while isinstance(node, fx.Node) and depth > 0:
+        if _is_score_producer(node):
+            return True
+        if gu.is_function(node, *gu.ADD_FUNCS) or gu.is_method(node, "add", "add_"):
+            return any(_reaches_scores(a, depth - 1) for a in node.args[:2])
+        if gu.is_function(node, torch.where):
+            return any(_reaches_scores(a, depth - 1) for a in node.args[1:3])
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
+        depth -= 1
+    return False
+
+
+def _fill_value(value: Any, concrete: dict) -> float | None:
+    number = gu.static_number(value)
+    if number is None and isinstance(value, fx.Node):
+        tensor = evaluate_static(value, concrete)
+        if tensor is not None and tensor.numel() == 1:
+            number = float(tensor.item())
+    return number
+
+
+# --------------------------------------------------------------------------- the matcher
+
+class Canonicalizer:
+    def __init__(self, gm: fx.GraphModule, concrete: dict[fx.Node, Any]):
+        self.gm = gm
+        self.editor = gu.GraphEditor(gm)
+        self.concrete = concrete
+
+    # forward side: softmax -> (casts, dropout) -> probs @ v
+    def forward_side(self, sm: fx.Node) -> tuple[fx.Node, float, list[fx.Node], list[str]]:
+        cur, dropout_p, chain, others = sm, 0.0, [sm], []
+        while True:
+            nxt = [u for u in cur.users if _is_cast(u) or _dropout_or_none(u) is not None]
+            others += [u.name for u in cur.users if u not in nxt and not _probs_matmul(u, cur)]
+            pv = [u for u in cur.users if _probs_matmul(u, cur)]
+            if pv and not nxt:
+                if len(pv) > 1:
+                    others += [u.name for u in pv[1:]]
+                return pv[0], dropout_p, chain, others
+            if len(nxt) != 1:
+                raise NotAttention("softmax output is not multiplied with values")
+            p = _dropout(nxt[0])
+            if p is not None:
+                if dropout_p and p:
+                    raise Unsupported("two dropouts on the attention probabilities")
+                dropout_p = p or dropout_p
+            others += [u.name for u in pv]
+            cur = nxt[0]
+            chain.append(cur)
+
+    # backward side: scores <- (casts, scales, masks) <- q @ kᵀ
+    def backward_side(self, x: Any, match: Match) -> fx.Node:
+        while True:
+            if not isinstance(x, fx.Node):
+                raise Unsupported("scores are not a tensor computed in this graph")
+            if _is_cast(x):
+                x = x.args[0]
+            elif gu.is_function(x, *gu.ADD_FUNCS) or gu.is_method(x, "add", "add_"):
+                a, b = x.args[0], x.args[1]
+                alpha = x.kwargs.get("alpha", 1)
+                if alpha != 1:
+                    raise Unsupported("add with alpha on the scores")
+                if gu.is_scalar_like(b) or gu.is_scalar_like(a):  # softmax is shift-invariant
+                    x = a if gu.is_scalar_like(b) else b
+                    continue
+                if _reaches_scores(a):
+                    x, mask = a, b
+                elif _reaches_scores(b):
+                    x, mask = b, a
+                else:
+                    raise Unsupported("scores are a sum of two non-matmul tensors")
+                match.masks.append(MaskTerm(mask, "add", outer=list(match.factors)))
+            elif gu.is_method(x, "masked_fill", "masked_fill_") or gu.is_function(
+                    x, torch.masked_fill):
+                fill = _fill_value(gu.arg(x, 2, "value"), self.concrete)
+                if fill is None or fill > _MIN_FILL:
+                    raise Unsupported(f"masked_fill with value {fill!r} (not a mask: a mask fills "
+                                      f"with -inf or a value <= {_MIN_FILL:g})")
+                match.masks.append(MaskTerm(x.args[1], "drop", fill, list(match.factors)))
+                x = x.args[0]
+            elif gu.is_function(x, torch.where):
+                cond, a, b = x.args[:3]
+                if isinstance(a, fx.Node) and _reaches_scores(a):
+                    kind, fill, x = "keep", _fill_value(b, self.concrete), a
+                elif isinstance(b, fx.Node) and _reaches_scores(b):
+                    kind, fill, x = "drop", _fill_value(a, self.concrete), b
+                else:
+                    raise Unsupported("torch.where on the scores without a matmul branch")
+                if fill is None or fill > _MIN_FILL:
+                    raise Unsupported(f"torch.where fills scores with {fill!r}, not a mask value")
+                match.masks.append(MaskTerm(cond, kind, fill, list(match.factors)))
+            elif gu.is_function(x, *gu.MUL_FUNCS) or gu.is_method(x, "mul"):
+                split = _scalar_operand(x)
+                if split is None:
+                    raise Unsupported("scores multiplied by a tensor (not a scalar scale)")
+                x = split[0]
+                match.factors.append(split[1])
+            elif (gu.is_function(x, *gu.DIV_FUNCS) or gu.is_method(x, "div")) and \
+                    gu.is_scalar_like(x.args[1]):
+                match.factors.append(Reciprocal(x.args[1]))
+                x = x.args[0]
+            elif _is_score_producer(x):
+                return x
+            else:
+                raise Unsupported(f"scores pass through {_describe(x)} before the softmax")
+
+    def read_qk(self, producer: fx.Node, match: Match) -> None:
+        if gu.is_function(producer, *gu.EINSUMS):
+            eq, ops = _einsum_parts(producer)
+            try:
+                spec = read_scores(eq, [gu.ndim(o) or 0 for o in ops])
+            except EinsumNotAttention as exc:
+                raise Unsupported(str(exc)) from None
+            match.spelling = "einsum"
+            match.q = ("permute", _peel_scale(ops[0], match.factors), spec.perm_a)
+            match.k = ("permute", _peel_scale(ops[1], match.factors), spec.perm_b)
+            return
+        if gu.is_function(producer, torch.baddbmm) or gu.is_method(producer, "baddbmm"):
+            bias, a, b = producer.args[:3]
+            beta = gu.static_number(producer.kwargs.get("beta", 1))
+            alpha = producer.kwargs.get("alpha", 1)
+            if beta not in (0.0, 1.0):
+                raise Unsupported(f"baddbmm with beta={beta!r}")
+            if beta == 1.0:
+                match.masks.append(MaskTerm(bias, "add", outer=list(match.factors)))
+            if alpha != 1:
+                match.factors.append(alpha)
+            match.spelling = "baddbmm"
+        else:
+            a, b = _matmul_operands(producer)
+        match.q = _peel_scale(a, match.factors)
+        kt = _peel_scale(b, match.factors)
+        if _swap_last2(kt):
+            match.k = _peel_scale(kt.args[0], match.factors)
+        else:
+            match.k = ("transpose", kt)
+
+    def read_v(self, pv: fx.Node, probs: fx.Node, match: Match) -> None:
+        if gu.is_function(pv, *gu.EINSUMS):
+            eq, ops = _einsum_parts(pv)
+            first = ops[0] is probs
+            try:
+                spec = read_values(eq, [gu.ndim(o) or 0 for o in ops], first)
+            except EinsumNotAttention as exc:
+                raise Unsupported(str(exc)) from None
+            match.v = ("permute", ops[1] if first else ops[0], spec.perm_v)
+            if spec.perm_out != tuple(range(len(spec.perm_out))):
+                match.out_perm = spec.perm_out
+        else:
+            match.v = _matmul_operands(pv)[1]
+
+    # ----------------------------------------------------------------------- building
+    def materialise(self, ref: Any, like: fx.Node) -> Any:
+        if isinstance(ref, tuple) and ref[0] == "permute":
+            _, node, perm = ref
+            if perm == tuple(range(len(perm))):
+                return node
+            return self.editor.call("permute", (node, *perm), like=like, method=True)
+        if isinstance(ref, tuple) and ref[0] == "transpose":
+            return self.editor.call("transpose", (ref[1], -2, -1), like=like, method=True)
+        return ref
+
+    def scale_value(self, factors: list, like: fx.Node, q: Any) -> tuple[float, Any]:
+        """Fold the factors into a float scale; symbolic factors are multiplied into q."""
+        static, dynamic = 1.0, []
+        for f in factors:
+            inverse = isinstance(f, Reciprocal)
+            x = f.x if inverse else f
+            n = gu.static_number(x)
+            if n is not None:
+                static = static / n if inverse else static * n
+            else:
+                dynamic.append((x, inverse))
+        for x, inverse in dynamic:
+            op = gu.DIV_FUNCS[0] if inverse else gu.MUL_FUNCS[0]
+            q = self.editor.call(op, (q, x), like=like)
+        return static, q
+
+    def combine_masks(self, terms: list[MaskTerm], like: fx.Node) -> tuple[Any, bool]:
+        """One SDPA-style mask (bool keep or additive float) from all terms, and causality."""
+        causal = False
+        keeps, adds = [], []
+        for t in terms:
+            static = evaluate_static(t.node, self.concrete) if isinstance(t.node, fx.Node) \
+                else None
+            if static is not None:
+                keep_view = ~static if t.kind == "drop" and static.dtype == torch.bool else static
+                if t.kind in ("keep", "drop") and is_causal_pattern(keep_view, additive=False):
+                    causal = True
+                    continue
+                if t.kind == "add" and _static_scale_ok(t) and is_causal_pattern(static, True):
+                    causal = True
+                    continue
+            if t.kind == "add":
+                node = t.node
+                for f in t.outer:
+                    inverse = isinstance(f, Reciprocal)
+                    op = gu.DIV_FUNCS[0] if inverse else gu.MUL_FUNCS[0]
+                    node = self.editor.call(op, (node, f.x if inverse else f), like=like)
+                adds.append(node)
+                continue
+            keep = t.node if t.kind == "keep" else self.editor.call(
+                torch.logical_not, (t.node,), like=like)
+            if t.fill == float("-inf"):
+                keeps.append(keep)
+            else:  # a finite fill is exact only as an additive mask
+                adds.append(self.editor.call(torch.where, (keep, 0.0, t.fill), like=like))
+        if adds:
+            for keep in keeps:
+                adds.append(self.editor.call(torch.where, (keep, 0.0, float("-inf")), like=like))
+            mask = adds[0]
+            for extra in adds[1:]:
+                mask = self.editor.call(gu.ADD_FUNCS[0], (mask, extra), like=like)
+            return mask, causal
+        if not keeps:
+            return None, causal
+        mask = keeps[0]
+        for extra in keeps[1:]:
+            mask = self.editor.call(torch.logical_and, (mask, extra), like=like)
+        return mask, causal
+
+    def emit(self, match: Match, anchor: fx.Node, like: fx.Node, extra_mask=None) -> fx.Node:
+        """Insert the canonical node before `anchor` and return it (or its output permute)."""
+        with self.gm.graph.inserting_before(anchor):
+            q = self.materialise(match.q, like)
+            k = self.materialise(match.k, like)
+            v = self.materialise(match.v, like)
+            k, v, groups = _unwrap_gqa(k, v)
+            match.gqa_groups = max(groups, match.gqa_groups)
+            scale, q = self.scale_value(match.factors, like, q)
+            mask, causal = self.combine_masks(match.masks, like)
+            if extra_mask is not None:
+                mask = extra_mask
+            match.is_causal = match.is_causal or causal
+            node = self.editor.call(
+                canonical_attention,
+                (q, k, v, mask, match.dropout_p, match.is_causal, scale, match.gqa_groups > 1),
+                like=like)
+            out = node
+            if match.out_perm is not None:
+                out = self.editor.call("permute", (node, *match.out_perm), like=like,
+                                       method=True)
+        return node, out
+
+
+def _static_scale_ok(term: MaskTerm) -> bool:
+    """A causal additive mask stays causal under positive static scales."""
+    for f in term.outer:
+        x = f.x if isinstance(f, Reciprocal) else f
+        n = gu.static_number(x)
+        if n is None or n <= 0:
+            return False
+    return True
+
+
+def _dropout_or_none(node: fx.Node) -> float | None:
+    try:
+        return _dropout(node)
+    except Unsupported:
+        return 0.0
+
+
+def _probs_matmul(user: fx.Node, probs: fx.Node) -> bool:
+    ops = _matmul_operands(user)
+    if ops is not None:
+        return ops[0] is probs and ops[1] is not probs
+    if gu.is_function(user, *gu.EINSUMS):
+        _, operands = _einsum_parts(user)
+        return len(operands) == 2 and probs in operands
+    return False
+
+
+def _node_of(ref: Any) -> Any:
+    return ref[1] if isinstance(ref, tuple) else ref
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__",
+                                                                  node.target)
+    return f"{node.op} {target!s}"
+
+
+def _unwrap_gqa(k: Any, v: Any) -> tuple[Any, Any, int]:
+    """Fold Llama-style `repeat_kv` (expand + reshape) or `repeat_interleave` on both k and v."""
+    kb, kg = _repeat_base(k)
+    vb, vg = _repeat_base(v)
+    if kg > 1 and kg == vg:
+        return kb, vb, kg
+    return k, v, 1
+
+
+def _repeat_base(node: Any) -> tuple[Any, int]:
+    val = gu.value_of(node)
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return node, 1
+    if gu.is_method(node, "repeat_interleave") and len(node.args) >= 2:
+        reps, dim = node.args[1], gu.arg(node, 2, "dim")
+        if isinstance(reps, int) and dim in (1, -3):
+            return node.args[0], reps
+        return node, 1
+    if not (gu.is_method(node, "reshape", "view") or gu.is_function(node, torch.reshape)):
+        return node, 1
+    expand = node.args[0]
+    if not gu.is_method(expand, "expand"):
+        return node, 1
+    unsq = expand.args[0]
+    ev = gu.value_of(expand)
+    if gu.is_method(unsq, "unsqueeze") and unsq.args[1] in (2, -3):
+        base = unsq.args[0]
+    elif gu.is_function(unsq, operator.getitem) and _is_none_at_2(unsq.args[1]):
+        base = unsq.args[0]
+    else:
+        return node, 1
+    bv = gu.value_of(base)
+    if not isinstance(bv, torch.Tensor) or bv.dim() != 4 or ev.dim() != 5:
+        return node, 1
+    groups = ev.shape[2]
+    if not isinstance(groups, int) or list(ev.shape[:2]) != list(bv.shape[:2]):
+        return node, 1
+    return base, groups
+
+
+def _is_none_at_2(index: Any) -> bool:
+    if not isinstance(index, tuple) or len(index) < 3:
+        return False
+    full = slice(None, None, None)
+    return index[0] == full and index[1] == full and index[2] is None
+
+
+# --------------------------------------------------------------------------- the pass
+
+def canonicalize_attention(gm: fx.GraphModule, concrete: dict[fx.Node, Any] | None = None,
+                           graph_index: int = 0) -> list[Site]:
+    """Rewrite every attention of `gm` into `clusterfx::attention`; return one Site each.
+    `concrete` maps placeholders to real example inputs (for static mask evaluation)."""
+    canon = Canonicalizer(gm, concrete or {})
+    sites: list[Site] = []
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or node not in gm.graph.nodes:
+            continue
+        if gu.is_function(node, gu.SDPA):
+            sites.append(_canonicalize_sdpa(canon, node, graph_index))
+            continue
+        parsed = _softmax_dim(node)
+        if parsed is None:
+            continue
+        site = _canonicalize_softmax(canon, node, parsed, graph_index)
+        if site is not None:
+            sites.append(site)
+    gm.graph.lint()
+    gm.recompile()
+    return sites
+
+
+def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index) -> Site | None:
+    scores, dim = parsed
+    nd = gu.ndim(scores)
+    if nd is None or not isinstance(dim, int) or dim % nd != nd - 1:
+        return None
+    try:
+        pv, dropout_p, chain, others = canon.forward_side(sm)
+    except NotAttention:
+        return None
+    except Unsupported as exc:
+        return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
+    match = Match("matmul", None, None, None, dropout_p=dropout_p)
+    try:
+        producer = canon.backward_side(scores, match)
+        canon.read_qk(producer, match)
+        canon.read_v(pv, chain[-1], match)
+    except Unsupported as exc:
+        return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
+    if nd < 3:
+        return _unsupported(sm, match.spelling, "unbatched 2-D attention", graph_index)
+    if match.spelling == "matmul" and gu.is_function(producer, torch.bmm):
+        match.spelling = "bmm"
+    site = Site(gu.module_path(sm), match.spelling, graph_index=graph_index)
+    if others:
+        site.probs_used_by = tuple(others)
+        site.mark(UNSUPPORTED, "attention probabilities are also used by "
+                  f"{', '.join(others)}; no rewrite yields them, left as written")
+        _fill_shapes(site, *(_node_of(r) for r in (match.q, match.k, match.v)))
+        return site
+    node, out = canon.emit(match, pv, like=sm)
+    pv.replace_all_uses_with(out)
+    _erase_dead(canon.gm.graph, [pv, *reversed(chain), scores])
+    _finish(site, node)
+    return site
+
+
+def _canonicalize_sdpa(canon: Canonicalizer, node: fx.Node, graph_index: int) -> Site:
+    q, k, v = node.args[:3]
+    mask = gu.arg(node, 3, "attn_mask")
+    dropout_p = gu.arg(node, 4, "dropout_p", 0.0)
+    is_causal = gu.arg(node, 5, "is_causal", False)
+    scale = gu.arg(node, 6, "scale")
+    gqa = gu.arg(node, 7, "enable_gqa", False)
+    site = Site(gu.module_path(node), "sdpa", graph_index=graph_index)
+    if not isinstance(is_causal, bool) or gu.static_number(dropout_p) is None:
+        site.mark(UNSUPPORTED, "non-constant is_causal or dropout_p")
+        return site
+    match = Match("sdpa", q, k, v, dropout_p=float(dropout_p), is_causal=is_causal,
+                  gqa_groups=2 if gqa else 1)
+    if scale is None:
+        head_dim = gu.value_of(q).shape[-1]
+        scale = 1.0 / math.sqrt(head_dim) if isinstance(head_dim, int) else None
+        if scale is None:
+            with canon.gm.graph.inserting_before(node):
+                size = canon.editor.call("size", (q, -1), like=node, method=True)
+                scale = canon.editor.call(operator.pow, (size, -0.5), like=node)
+    match.factors = [scale]
+    if mask is not None:
+        kind = "keep" if gu.value_of(mask).dtype == torch.bool else "add"
+        match.masks = [MaskTerm(mask, kind, float("-inf") if kind == "keep" else None)]
+    new, out = canon.emit(match, node, like=node)
+    node.replace_all_uses_with(out)
+    canon.gm.graph.erase_node(node)
+    _finish(site, new)
+    return site
+
+
+def _finish(site: Site, node: fx.Node) -> None:
+    q, k, v, mask, dropout_p, causal, scale, gqa = node.args
+    _fill_shapes(site, q, k, v, mask)
+    site.causal = causal
+    site.scale = scale
+    site.dropout_p = dropout_p
+    if gqa:
+        hq, hk = gu.value_of(q).shape[-3], gu.value_of(k).shape[-3]
+        site.gqa_groups = hq // hk if isinstance(hq, int) and isinstance(hk, int) else 2
+    site.node_name = node.name
+    node.meta[SITE_META] = site
+
+
+def _fill_shapes(site: Site, q, k=None, v=None, mask=None) -> None:
+    site.q_shape = shape_of(gu.value_of(q))
+    site.k_shape = shape_of(gu.value_of(k))
+    site.v_shape = shape_of(gu.value_of(v))
+    site.extra["hints"] = hints_of(*(gu.value_of(x) for x in (q, k, v)))
+    val = gu.value_of(q)
+    site.dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else ""
+    if mask is not None:
+        mval = gu.value_of(mask)
+        site.mask = "boolean" if mval.dtype == torch.bool else "additive"
+        site.mask_shape = shape_of(mval)
+
+
+def _unsupported(node: fx.Node, spelling: str, reason: str, graph_index: int) -> Site:
+    site = Site(gu.module_path(node), spelling, graph_index=graph_index)
+    site.mark(UNSUPPORTED, reason)
+    _fill_shapes(site, node)
+    return site
+
+
+def _erase_dead(graph: fx.Graph, start: list[fx.Node]) -> None:
+    """Erase the matched nodes and their now-unused pure ancestors."""
+    stack = list(start)
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n.users or n.op in ("placeholder", "output"):
+            continue
+        if n.op == "call_function" and n.is_impure():
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(inputs)
