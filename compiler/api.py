@@ -77,14 +77,18 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
 
 
 def transform(model: Any, example_inputs: Any, policy: Any = None, *,
-              strict: bool = False) -> fx.GraphModule:
-    """Capture `model(*example_inputs)` and return the rewritten graph (code that runs).
+              strict: bool = False, stop_after: str | None = None,
+              **torch_compile_kwargs: Any) -> fx.GraphModule:
+    """Capture `model(*example_inputs)` and return the rewritten graph (code that runs; its
+    inputs are the captured graph's placeholders: the model's tensors, then its parameters).
 
-    The model must capture as one graph (no graph breaks)."""
+    The model must capture as one graph (no graph breaks). `stop_after="canonicalize"` returns
+    the graph with canonical `clusterfx.attention` nodes, before lowering. The report is in
+    `gm.meta["clusterfx_report"]`."""
     inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (
         example_inputs,)
     resolved = Policy.make(policy, strict=strict)
-    state = CompileState(resolved, "eager")
+    state = CompileState(resolved, "eager", stop_after=stop_after)
     captured: list[fx.GraphModule] = []
 
     class _Keep(ClusterfxBackend):
@@ -95,7 +99,8 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
 
     torch._dynamo.reset()
     with _mha_fast_path_off():
-        torch.compile(model, backend=_Keep(state), fullgraph=True)(*inputs)
+        torch.compile(model, backend=_Keep(state), fullgraph=True,
+                      **torch_compile_kwargs)(*inputs)
     gm = captured[-1]
     gm.meta["clusterfx_report"] = _report(state)
     _check_strict(state)

@@ -36,6 +36,7 @@ class CompileState:
     policy: Policy
     backend: str
     dump_dir: Path | None = None
+    stop_after: str | None = None
     records: list[GraphRecord] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -74,7 +75,8 @@ class ClusterfxBackend:
             n = self._subgraph_counter.get(cid, 0)
             self._subgraph_counter[cid] = n + 1
         record = run_pipeline(gm, concrete, self.state.policy, index=index,
-                              compile_id=f"{frame}/{n}", dump_dir=self.state.dump_dir)
+                              compile_id=f"{frame}/{n}", dump_dir=self.state.dump_dir,
+                              stop_after=self.state.stop_after)
         with self.state.lock:
             self.state.records.append(record)
         return _downstream(self.state.backend, gm, example_inputs, mode, options)

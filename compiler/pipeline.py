@@ -2,7 +2,7 @@
 
     inline_mha -> canonicalize -> lower [-> sequence_parallel]
 
-Each pass reads only the previous pass's graph. The pipeline times every pass and, on request,
+`stop_after` ends the pipeline early (to inspect a stage). Each pass reads only the previous pass's graph. The pipeline times every pass and, on request,
 dumps the graph's code before and after each pass plus a picture of the graph around each site.
 """
 
@@ -34,8 +34,8 @@ class GraphRecord:
 
 
 def run_pipeline(gm: fx.GraphModule, concrete: dict[fx.Node, Any], policy: Policy,
-                 index: int = 0, compile_id: str = "", dump_dir: Path | None = None
-                 ) -> GraphRecord:
+                 index: int = 0, compile_id: str = "", dump_dir: Path | None = None,
+                 stop_after: str | None = None) -> GraphRecord:
     record = GraphRecord(index, compile_id)
     declined: list[Site] = []
     canonical: list[Site] = []
@@ -53,6 +53,11 @@ def run_pipeline(gm: fx.GraphModule, concrete: dict[fx.Node, Any], policy: Polic
         lower_attention(g, policy)
 
     passes = [("inline_mha", inline), ("canonicalize", canon), ("lower", lower)]
+    if stop_after is not None:
+        names = [name for name, _ in passes]
+        if stop_after not in names:
+            raise ValueError(f"stop_after ({stop_after!r}) must be one of {names}")
+        passes = passes[:names.index(stop_after) + 1]
     if dump_dir is not None:
         record.dumps.append(_dump(dump_dir, index, 0, "captured", gm))
     for step, (name, fn) in enumerate(passes, start=1):

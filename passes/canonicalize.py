@@ -51,6 +51,7 @@ class MaskTerm:
     kind: str  # "keep" (bool, True = attend) | "drop" (bool, True = masked) | "add"
     fill: float | None = None  # for keep/drop: the value given to masked scores
     outer: list = field(default_factory=list)  # scale factors applied after this term
+    dtype: torch.dtype = torch.float32  # the scores' dtype where the term was applied
 
 
 @dataclass
@@ -186,6 +187,22 @@ def _reaches_scores(node: Any, depth: int = 16) -> bool:
     return False
 
 
+def _has_score_ancestor(node: Any, depth: int = 8) -> bool:
+    """Is a score producer (matmul/bmm/baddbmm/einsum) among the ancestors within `depth`?"""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if _is_score_producer(n):
+                return True
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
 def _fill_value(value: Any, concrete: dict) -> float | None:
     number = gu.static_number(value)
     if number is None and isinstance(value, fx.Node):
@@ -253,7 +270,8 @@ class Canonicalizer:
                 if fill is None or fill > _MIN_FILL:
                     raise Unsupported(f"masked_fill with value {fill!r} (not a mask: a mask fills "
                                       f"with -inf or a value <= {_MIN_FILL:g})")
-                match.masks.append(MaskTerm(x.args[1], "drop", fill, list(match.factors)))
+                match.masks.append(MaskTerm(x.args[1], "drop", fill, list(match.factors),
+                                            gu.value_of(x).dtype))
                 x = x.args[0]
             elif gu.is_function(x, torch.where):
                 cond, a, b = x.args[:3]
@@ -265,7 +283,8 @@ class Canonicalizer:
                     raise Unsupported("torch.where on the scores without a matmul branch")
                 if fill is None or fill > _MIN_FILL:
                     raise Unsupported(f"torch.where fills scores with {fill!r}, not a mask value")
-                match.masks.append(MaskTerm(cond, kind, fill, list(match.factors)))
+                match.masks.append(MaskTerm(cond, kind, fill, list(match.factors),
+                                            gu.value_of(x).dtype))
             elif gu.is_function(x, *gu.MUL_FUNCS) or gu.is_method(x, "mul"):
                 split = _scalar_operand(x)
                 if split is None:
@@ -376,15 +395,18 @@ class Canonicalizer:
                     node = self.editor.call(op, (node, f.x if inverse else f), like=like)
                 adds.append(node)
                 continue
-            keep = t.node if t.kind == "keep" else self.editor.call(
-                torch.logical_not, (t.node,), like=like)
             if t.fill == float("-inf"):
-                keeps.append(keep)
+                keeps.append(t.node if t.kind == "keep" else self.editor.call(
+                    torch.logical_not, (t.node,), like=like))
             else:  # a finite fill is exact only as an additive mask
-                adds.append(self.editor.call(torch.where, (keep, 0.0, t.fill), like=like))
+                drop = t.node if t.kind == "drop" else self.editor.call(
+                    torch.logical_not, (t.node,), like=like)
+                adds.append(self._additive(drop, t.fill, t.dtype, like))
         if adds:
+            dtype = gu.value_of(adds[0]).dtype
             for keep in keeps:
-                adds.append(self.editor.call(torch.where, (keep, 0.0, float("-inf")), like=like))
+                drop = self.editor.call(torch.logical_not, (keep,), like=like)
+                adds.append(self._additive(drop, float("-inf"), dtype, like))
             mask = adds[0]
             for extra in adds[1:]:
                 mask = self.editor.call(gu.ADD_FUNCS[0], (mask, extra), like=like)
@@ -395,6 +417,11 @@ class Canonicalizer:
         for extra in keeps[1:]:
             mask = self.editor.call(torch.logical_and, (mask, extra), like=like)
         return mask, causal
+
+    def _additive(self, drop: fx.Node, fill: float, dtype: torch.dtype, like: fx.Node):
+        """`zeros(drop.shape, dtype).masked_fill(drop, fill)`: the additive form of a mask."""
+        zeros = self.editor.call(torch.zeros_like, (drop,), {"dtype": dtype}, like=like)
+        return self.editor.call("masked_fill", (zeros, drop, fill), like=like, method=True)
 
     def emit(self, match: Match, anchor: fx.Node, like: fx.Node, extra_mask=None) -> fx.Node:
         """Insert the canonical node before `anchor` and return it (or its output permute)."""
@@ -546,6 +573,8 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
         canon.read_qk(producer, match)
         canon.read_v(pv, chain[-1], match)
     except Unsupported as exc:
+        if not _has_score_ancestor(scores):
+            return None  # e.g. softmax(linear(x)).mT @ x: pooling, not q·kᵀ attention
         return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
     if nd < 3:
         return _unsupported(sm, match.spelling, "unbatched 2-D attention", graph_index)
