@@ -66,7 +66,7 @@ class Match:
     is_causal: bool = False
     gqa_groups: int = 1
     out_perm: tuple | None = None
-    pre_ops: list = field(default_factory=list)  # (target, perm) for q/k/v permutes
+    chain: set = field(default_factory=set)  # score nodes walked so far (softmax side)
 
 
 # --------------------------------------------------------------------------- reading helpers
@@ -247,6 +247,10 @@ class Canonicalizer:
         while True:
             if not isinstance(x, fx.Node):
                 raise Unsupported("scores are not a tensor computed in this graph")
+            written = gu.inplace_users(x)
+            if any(not _feeds(u, match.chain) for u in written):
+                raise Unsupported(f"scores are modified in place by {written[0].name}")
+            match.chain.add(x)
             if _is_cast(x):
                 x = x.args[0]
             elif gu.is_function(x, *gu.ADD_FUNCS) or gu.is_method(x, "add", "add_"):
@@ -474,6 +478,11 @@ def _probs_matmul(user: fx.Node, probs: fx.Node) -> bool:
     return False
 
 
+def _feeds(user: fx.Node, chain: set) -> bool:
+    """An in-place op whose result continues the walked score chain (`s += mask`)."""
+    return user in chain
+
+
 def _node_of(ref: Any) -> Any:
     return ref[1] if isinstance(ref, tuple) else ref
 
@@ -660,13 +669,15 @@ def _unsupported(node: fx.Node, spelling: str, reason: str, graph_index: int) ->
 
 def _erase_dead(graph: fx.Graph, start: list[fx.Node]) -> None:
     """Erase the matched nodes and their now-unused pure ancestors."""
-    stack = list(start)
+    stack, erased = list(start), set()
     while stack:
         n = stack.pop()
-        if not isinstance(n, fx.Node) or n.users or n.op in ("placeholder", "output"):
+        if not isinstance(n, fx.Node) or n in erased or n.users or n.op in (
+                "placeholder", "output"):
             continue
         if n.op == "call_function" and n.is_impure():
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
+        erased.add(n)
         stack.extend(inputs)

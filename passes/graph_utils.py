@@ -71,6 +71,26 @@ def ndim(node: Any) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
+def is_inplace(node: Any) -> bool:
+    """Does this call mutate its first argument (`x.add_(...)`, `x[i] = v`, `x += y`)?"""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        if node.target in (operator.setitem, operator.iadd, operator.imul, operator.isub,
+                           operator.itruediv, operator.iand, operator.ior):
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__") or "out" in node.kwargs
+    return False
+
+
+def inplace_users(node: fx.Node) -> list[fx.Node]:
+    """Users that mutate `node` in place (its first argument)."""
+    return [u for u in node.users if is_inplace(u) and u.args and u.args[0] is node]
+
+
 def users_except(node: fx.Node, allowed: Iterable[fx.Node]) -> list[fx.Node]:
     allowed = set(allowed)
     return [u for u in node.users if u not in allowed]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import symbolic_hint, value_of
+from .graph_utils import inplace_users, symbolic_hint, value_of
 
 _MAX_NODES = 400
 _RANDOM = {"rand", "randn", "randint", "bernoulli", "dropout", "rand_like", "randn_like",
@@ -34,6 +34,7 @@ def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any]) -> torch.Tensor
     `concrete` maps placeholders to the real example inputs. None when not static."""
     order: list[fx.Node] = []
     seen: set[fx.Node] = set()
+    position = _position(node.graph)
     stack = [node]
     while stack:
         n = stack.pop()
@@ -56,10 +57,12 @@ def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any]) -> torch.Tensor
             return None
         order.append(n)
         stack.extend(n.all_input_nodes)
+        # in-place writes before the use (`m[i] = x`, `m.tril_()`) are part of the value
+        stack.extend(u for u in inplace_users(n) if position(u) < position(node))
     env: dict[fx.Node, Any] = {}
     gm = node.graph.owning_module
     try:
-        for n in sorted(order, key=_position(node.graph)):
+        for n in sorted(order, key=position):
             if n.op == "placeholder":
                 env[n] = symbolic_hint(concrete[n])
                 continue

@@ -386,3 +386,25 @@ def test_unreadable_score_edit_is_reported_not_rewritten():
     report = compile_and_compare(Net(clipped), qkv(), rtol=1e-12)
     assert len(report) == 1 and report[0].site.status == "unsupported"
     assert "tanh" in report[0].site.reason
+
+
+def test_in_place_mask_on_scores_is_not_lost():
+    def inplace(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.3
+        s.masked_fill_(~pad_keep()[:, None, None, :], float("-inf"))  # result unused
+        return s.softmax(-1) @ v
+
+    report = compile_and_compare(Net(inplace), qkv(), rtol=1e-12)
+    assert len(report) == 1 and report[0].site.status == "unsupported"
+    assert "in place" in report[0].site.reason
+
+
+def test_mask_written_in_place_is_not_mistaken_for_causal():
+    def tril_then_pad(q, k, v):
+        n = q.shape[-2]
+        keep = torch.ones(B, 1, n, n, dtype=torch.bool).tril()
+        keep[1, :, :, -3:] = False  # padding written in place after the causal pattern
+        return (q @ k.mT * 0.3).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+    report = compile_and_compare(Net(tril_then_pad), qkv(), rtol=1e-10)
+    assert report[0].site.causal is False and report[0].site.mask == "boolean"

@@ -1,0 +1,157 @@
+"""Library models: torch.nn attention modules and Hugging Face transformers models built from
+small configs with random weights. Every attention layer is found at its module path, and Dense
+lowering reproduces outputs (fp32, <= 1e-5 relative) and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import clusterfx as cfx
+from tests.helpers import compile_and_compare
+
+transformers = pytest.importorskip("transformers")
+torch.manual_seed(0)
+B, N, E = 2, 12, 32
+
+
+def _paths(report):
+    return [r.fqn for r in report]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masks", [False, True])
+def test_multihead_attention(batch_first, need_weights, masks):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(E, 4, batch_first=batch_first)
+
+        def forward(self, x):
+            kw = {}
+            if masks:
+                kpm = torch.zeros(B, N, dtype=torch.bool)
+                kpm[1, -3:] = True
+                kw = {"key_padding_mask": kpm,
+                      "attn_mask": torch.ones(N, N, dtype=torch.bool).triu(1)}
+            out, weights = self.mha(x, x, x, need_weights=need_weights, **kw)
+            return out if weights is None else (out, weights)
+
+    x = torch.randn(B, N, E) if batch_first else torch.randn(N, B, E)
+    report = compile_and_compare(M(), (x,), rtol=1e-5)
+    assert _paths(report) == ["mha"]
+    site = report[0].site
+    if need_weights:  # averaged weights are returned: stays as written, with the reason
+        assert site.status == "unsupported" and "probabilities" in site.reason
+    else:
+        # MHA merges key padding and the causal mask into one additive mask before attention
+        assert site.status == "kept dense" and not site.causal
+        assert site.mask == ("additive" if masks else "none")
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+@pytest.mark.parametrize("mode", ["train", "eval_no_grad"])
+def test_transformer_layers(layer, mode):
+    if layer == "encoder":
+        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 4, 64, dropout=0.0,
+                                                                 batch_first=True), 2)
+        inputs = (torch.randn(B, N, E),)
+        expected = ["layers.0.self_attn", "layers.1.self_attn"]
+    else:
+        model = nn.TransformerDecoderLayer(E, 4, 64, dropout=0.0, batch_first=True)
+        inputs = (torch.randn(B, N, E), torch.randn(B, N + 3, E))
+        expected = ["self_attn", "multihead_attn"]
+    if mode == "train":
+        report = compile_and_compare(model, inputs, rtol=1e-5)
+    else:
+        model.eval()
+        report = compile_and_compare(model, inputs, rtol=1e-5, grads=False)
+    assert _paths(report) == expected
+    assert all(r.status == "kept dense" for r in report)
+
+
+def _hf(name, impl):
+    tf = transformers
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32,
+             "intermediate_size": 64, "vocab_size": 100, "attn_implementation": impl,
+             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    ids = torch.randint(3, 100, (B, N), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, N, dtype=torch.long)
+    mask[1, -4:] = 0
+    if name == "bert":
+        return tf.BertModel(tf.BertConfig(**small)), {"input_ids": ids, "attention_mask": mask}, [
+            f"encoder.layer.{i}.attention.self" for i in range(2)]
+    if name == "roberta":
+        cfg = tf.RobertaConfig(**small, max_position_embeddings=64, pad_token_id=1)
+        return tf.RobertaModel(cfg), {"input_ids": ids, "attention_mask": mask}, [
+            f"encoder.layer.{i}.attention.self" for i in range(2)]
+    if name == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=impl,
+                            bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Model(cfg), {"input_ids": ids}, [f"h.{i}.attn" for i in range(2)]
+    if name == "vit":
+        cfg = tf.ViTConfig(image_size=32, patch_size=8, num_channels=3, **{
+            k: v for k, v in small.items() if k != "vocab_size"})
+        return tf.ViTModel(cfg), {"pixel_values": torch.randn(B, 3, 32, 32)}, [
+            f"layers.{i}.attention" for i in range(2)]
+    if name == "llama":
+        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                             attn_implementation=impl)
+        return tf.LlamaModel(cfg), {"input_ids": ids, "use_cache": False}, [
+            f"layers.{i}.self_attn" for i in range(2)]
+    if name == "t5":
+        cfg = tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                          num_heads=4, dropout_rate=0.0, attn_implementation=impl)
+        return tf.T5EncoderModel(cfg), {"input_ids": ids, "attention_mask": mask}, [
+            f"encoder.block.{i}.layer.0.SelfAttention" for i in range(2)]
+    raise AssertionError(name)
+
+
+HF = [(m, impl) for m in ("bert", "roberta", "gpt2", "vit", "llama", "t5")
+      for impl in ("eager", "sdpa")]
+
+
+class KwargsModel(nn.Module):
+    """Calls a HF model with keyword inputs and returns its main output tensor."""
+
+    def __init__(self, model, kwargs):
+        super().__init__()
+        self.model = model
+        self.names = list(kwargs)
+        self.extra = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+
+    def forward(self, *tensors):
+        kw = dict(zip([n for n in self.names if n not in self.extra], tensors))
+        return self.model(**kw, **self.extra).last_hidden_state
+
+
+@pytest.mark.parametrize("name,impl", HF, ids=[f"{m}-{i}" for m, i in HF])
+def test_huggingface_model(name, impl):
+    model, kwargs, paths = _hf(name, impl)
+    model.train(False)
+    wrapped = KwargsModel(model, kwargs)
+    tensors = tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    report = compile_and_compare(wrapped, tensors, rtol=1e-5)
+    assert _paths(report) == [f"model.{p}" for p in paths]
+    assert all(r.status == "kept dense" for r in report), str(report)
+    if name in ("gpt2", "llama"):
+        assert all(r.site.causal for r in report), str(report)
+    if name == "llama":
+        assert all(r.site.gqa_groups == 2 for r in report)
+    if name == "t5":  # no scaling; the relative position bias is the additive mask
+        assert all(r.site.scale == 1.0 and r.site.mask == "additive" for r in report)
+
+
+def test_policy_paths_on_hf_model():
+    model, kwargs, _ = _hf("bert", "eager")
+    wrapped = KwargsModel(model.eval(), kwargs)
+    tensors = tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    compiled = cfx.compile(wrapped, policy={"model.encoder.layer.1": None}, backend="eager")
+    compiled(*tensors)
+    report = cfx.explain(compiled)
+    assert [r.site.policy_key for r in report] == [None, "model.encoder.layer.1"]
+    assert "None" in report[1].reason
