@@ -19,12 +19,13 @@ else:
         PatchToCluster,
         TopK,
     )
+    from .compiler.equivalence import EquivalenceResult, check_equivalence
     from .compiler.policy import Policy
     from .compiler.report import Report
 
     __all__ = [
         "compile", "transform", "explain", "Policy", "Report", "AttentionConfig", "Dense",
         "Clustered", "ImprovedClustered", "TopK", "PatchToCluster", "Auto", "CompiledModule",
-        "CompiledFunction",
+        "CompiledFunction", "check_equivalence", "EquivalenceResult",
     ]
     __version__ = "0.1.0"

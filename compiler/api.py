@@ -10,6 +10,8 @@ import torch
 import torch.fx as fx
 
 from .backend import LAST_STATE, ClusterfxBackend, CompileState, check_backend
+from ..passes.lower import PolicyError
+from .pipeline import check_stop_after
 from .policy import Policy
 from .report import Report, Row
 
@@ -26,6 +28,19 @@ def _mha_fast_path_off():
         torch.backends.mha.set_fastpath_enabled(before)
 
 
+@contextlib.contextmanager
+def _own_errors():
+    """Errors clusterfx raises on purpose (strict policies, bad configs) reach the caller as
+    themselves, not wrapped in dynamo's BackendCompilerFailed."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        inner = getattr(exc, "inner_exception", None)
+        if isinstance(inner, (PolicyError, ValueError, TypeError)):
+            raise inner from None
+        raise
+
+
 class CompiledModule(torch.nn.Module):
     """The result of `clusterfx.compile` on an `nn.Module`: call it like the model."""
 
@@ -36,7 +51,7 @@ class CompiledModule(torch.nn.Module):
         self._clusterfx_state = state
 
     def forward(self, *args, **kwargs):
-        with _mha_fast_path_off():
+        with _mha_fast_path_off(), _own_errors():
             return self._compiled(*args, **kwargs)
 
 
@@ -49,7 +64,7 @@ class CompiledFunction:
         self._clusterfx_state = state
 
     def __call__(self, *args, **kwargs):
-        with _mha_fast_path_off():
+        with _mha_fast_path_off(), _own_errors():
             return self._compiled(*args, **kwargs)
 
 
@@ -88,6 +103,7 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
     inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (
         example_inputs,)
     resolved = Policy.make(policy, strict=strict)
+    check_stop_after(stop_after)
     state = CompileState(resolved, "eager", stop_after=stop_after)
     captured: list[fx.GraphModule] = []
 
@@ -98,7 +114,7 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
             return fn
 
     torch._dynamo.reset()
-    with _mha_fast_path_off():
+    with _mha_fast_path_off(), _own_errors():
         torch.compile(model, backend=_Keep(state), fullgraph=True,
                       **torch_compile_kwargs)(*inputs)
     gm = captured[-1]

@@ -3,13 +3,15 @@
 For a compiled leaf `a` and the reference leaf `b` (both taken to float64):
 
     max_abs = max |a - b|
-    max_rel = max |a - b| / max(max |b|, tiny)        (one scale per tensor: the reference's peak)
+    max_rel = max |a - b| / max(max |B|, tiny)        (B: the reference's peak over the group)
     cosine  = <a, b> / (|a| |b|)                       (1 when both are zero, 0 when one is)
 
 Equal entries (infinities included) count as zero difference; a NaN makes the error NaN, which
 `ok()` rejects. With `grads=True` both runs go backward with the same random cotangent per
 floating output (seeded), and the gradients are compared per group: "params" (by parameter
-name) and "inputs" (floating inputs that require grad); a group's max_abs / max_rel are the
+name) and "inputs" (floating inputs that require grad); relative errors in a group are taken
+against the group's largest reference gradient (a gradient that is analytically zero, such as a
+key bias under softmax's shift invariance, holds only rounding noise), max_abs / max_rel are the
 maxima over its tensors, its cosine is taken over all of them concatenated, and `worst` names
 the tensor with the largest relative error.
 """
@@ -299,6 +301,8 @@ def _group(got: Mapping[str, torch.Tensor | None], want: Mapping[str, torch.Tens
     """Errors of the tensors `got` against `want`, by name; a missing gradient counts as 0."""
     per: dict[str, tuple[float, float]] = {}
     dot = norm_a = norm_b = 0.0
+    scale = max([float(b.detach().abs().max()) for b in want.values()
+                 if b is not None and b.numel()] + [TINY])
     for name in dict.fromkeys([*want, *got]):
         a, b = got.get(name), want.get(name)
         if a is None and b is None:
@@ -307,7 +311,6 @@ def _group(got: Mapping[str, torch.Tensor | None], want: Mapping[str, torch.Tens
         b = (b if b is not None else torch.zeros_like(a)).detach().to(a.device, torch.float64)
         diff = torch.where(a == b, 0.0, (a - b).abs())
         max_abs = float(diff.max()) if diff.numel() else 0.0
-        scale = max(float(b.abs().max()) if b.numel() else 0.0, TINY)
         per[name] = (max_abs, max_abs / scale)
         dot += float((a * b).sum())
         norm_a += float((a * a).sum())

@@ -2,8 +2,9 @@
 
     inline_mha -> canonicalize -> lower [-> sequence_parallel]
 
-`stop_after` ends the pipeline early (to inspect a stage). Each pass reads only the previous pass's graph. The pipeline times every pass and, on request,
-dumps the graph's code before and after each pass plus a picture of the graph around each site.
+Each pass reads only the previous pass's graph; `stop_after` ends the pipeline early to inspect a
+stage. The pipeline times every pass and, on request, dumps the graph's code before and after
+each pass plus a picture of the graph around each site.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from ..passes.inline_mha import inline_multi_head_attention
 from ..passes.lower import lower_attention
 from ..passes.site import UNSUPPORTED, Site
 from .policy import Policy
+
+
+PASS_NAMES = ("inline_mha", "canonicalize", "lower")
+
+
+def check_stop_after(stop_after: str | None) -> None:
+    if stop_after is not None and stop_after not in PASS_NAMES:
+        raise ValueError(f"stop_after ({stop_after!r}) must be one of {list(PASS_NAMES)}")
 
 
 @dataclass
@@ -52,12 +61,10 @@ def run_pipeline(gm: fx.GraphModule, concrete: dict[fx.Node, Any], policy: Polic
     def lower(g):
         lower_attention(g, policy)
 
-    passes = [("inline_mha", inline), ("canonicalize", canon), ("lower", lower)]
+    passes = list(zip(PASS_NAMES, (inline, canon, lower)))
+    check_stop_after(stop_after)
     if stop_after is not None:
-        names = [name for name, _ in passes]
-        if stop_after not in names:
-            raise ValueError(f"stop_after ({stop_after!r}) must be one of {names}")
-        passes = passes[:names.index(stop_after) + 1]
+        passes = passes[:PASS_NAMES.index(stop_after) + 1]
     if dump_dir is not None:
         record.dumps.append(_dump(dump_dir, index, 0, "captured", gm))
     for step, (name, fn) in enumerate(passes, start=1):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 import clusterfx as cfx
+import torch
 from clusterfx.ops.attention import attention as canonical_attention
 
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10,
@@ -47,7 +46,8 @@ def run_with_grads(fn, inputs: tuple, params: list[torch.nn.Parameter], seed: in
     loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in leaves)
     wrt = [p for p in params if p.requires_grad] + [
         x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
-    grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else []
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True) if (
+        wrt and loss.requires_grad) else []
     return [t.detach() for t in leaves], [g for g in grads if g is not None]
 
 

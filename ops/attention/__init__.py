@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .reference import attention_reference, causal_keep, repeat_kv
 
-__all__ = ["attention", "attention_reference", "dense_attention", "causal_keep", "repeat_kv"]
+__all__ = ["attention", "attention_reference", "dense_attention", "check_qkv", "causal_keep",
+           "repeat_kv"]
 
 _lib = torch.library.Library("clusterfx", "DEF")  # noqa: TOR901 - the project's namespace
 _lib.define(
@@ -26,9 +27,22 @@ _lib.define(
 )
 
 
+def check_qkv(q, k, v) -> None:
+    """q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv), rank >= 3: else a ValueError."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() < 3:
+            raise ValueError(f"{name} has rank {x.dim()} (shape {tuple(x.shape)}); attention "
+                             f"takes rank >= 3: (..., N, D)")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head dim ({q.shape[-1]}) must equal k head dim ({k.shape[-1]})")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k length ({k.shape[-2]}) must equal v length ({v.shape[-2]})")
+
+
 def dense_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=1.0,
                     enable_gqa=False):
     """Exact attention through SDPA, combining a mask with causality when both are given."""
+    check_qkv(q, k, v)
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         # SDPA wants the mask in q's dtype; clamp so finfo(float32).min does not become -inf.
         attn_mask = attn_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
