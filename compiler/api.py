@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .backend import LAST_STATE, ClusterfxBackend, CompileState, check_backend
 from ..passes.lower import PolicyError
+from .backend import LAST_STATE, ClusterfxBackend, CompileState, check_backend
 from .pipeline import check_stop_after
 from .policy import Policy
 from .report import Report, Row

@@ -22,7 +22,6 @@ from ..passes.lower import lower_attention
 from ..passes.site import UNSUPPORTED, Site
 from .policy import Policy
 
-
 PASS_NAMES = ("inline_mha", "canonicalize", "lower")
 
 

@@ -10,9 +10,10 @@ classifier's softmax alone: it is not attention (no query-key product feeds it).
 
 import math
 
-import clusterfx as cfx
 import torch
 from torch import nn
+
+import clusterfx as cfx
 
 
 class EinsumSelfAttention(nn.Module):

@@ -4,8 +4,9 @@ that the compiled model still computes what the original does.
     python examples/quickstart.py
 """
 
-import clusterfx as cfx
 import torch
+
+import clusterfx as cfx
 from clusterfx.compiler.equivalence import check_equivalence
 from clusterfx.models import example_inputs, gpt_tiny
 

@@ -206,7 +206,7 @@ def _has_score_ancestor(node: Any, depth: int = 8) -> bool:
 def _fill_value(value: Any, concrete: dict) -> float | None:
     number = gu.static_number(value)
     if number is None and isinstance(value, fx.Node):
-        tensor = evaluate_static(value, concrete)
+        tensor = evaluate_static(value, concrete)  # rare: a tensor-valued fill
         if tensor is not None and tensor.numel() == 1:
             number = float(tensor.item())
     return number
@@ -219,6 +219,8 @@ class Canonicalizer:
         self.gm = gm
         self.editor = gu.GraphEditor(gm)
         self.concrete = concrete
+        self._static: dict[fx.Node, torch.Tensor | None] = {}
+        self._positions = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     # forward side: softmax -> (casts, dropout) -> probs @ v
     def forward_side(self, sm: fx.Node) -> tuple[fx.Node, float, list[fx.Node], list[str]]:
@@ -376,13 +378,20 @@ class Canonicalizer:
             q = self.editor.call(op, (q, x), like=like)
         return static, q
 
+    def static_value(self, node: Any) -> torch.Tensor | None:
+        """`evaluate_static`, once per node (layers often share one mask)."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node not in self._static:
+            self._static[node] = evaluate_static(node, self.concrete, self._positions)
+        return self._static[node]
+
     def combine_masks(self, terms: list[MaskTerm], like: fx.Node) -> tuple[Any, bool]:
         """One SDPA-style mask (bool keep or additive float) from all terms, and causality."""
         causal = False
         keeps, adds = [], []
         for t in terms:
-            static = evaluate_static(t.node, self.concrete) if isinstance(t.node, fx.Node) \
-                else None
+            static = self.static_value(t.node)
             if static is not None:
                 keep_view = ~static if t.kind == "drop" and static.dtype == torch.bool else static
                 if t.kind in ("keep", "drop") and is_causal_pattern(keep_view, additive=False):
@@ -549,7 +558,7 @@ def canonicalize_attention(gm: fx.GraphModule, concrete: dict[fx.Node, Any] | No
     canon = Canonicalizer(gm, concrete or {})
     sites: list[Site] = []
     for node in list(gm.graph.nodes):
-        if node.graph is not gm.graph or node not in gm.graph.nodes:
+        if getattr(node, "_erased", False):
             continue
         if gu.is_function(node, gu.SDPA):
             sites.append(_canonicalize_sdpa(canon, node, graph_index))

@@ -29,12 +29,17 @@ def _is_buffer_placeholder(node: fx.Node) -> bool:
     return "_buffers" in str(name) or "_buffers_" in node.name
 
 
-def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any]) -> torch.Tensor | None:
+def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any],
+                    positions: dict[fx.Node, int] | None = None) -> torch.Tensor | None:
     """The value of `node` if it depends on no tensor input other than module buffers;
-    `concrete` maps placeholders to the real example inputs. None when not static."""
+    `concrete` maps placeholders to the real example inputs. None when not static.
+    `positions` (node -> index in the graph) may be passed to save recomputing it; nodes
+    added since are placed after every indexed node."""
     order: list[fx.Node] = []
     seen: set[fx.Node] = set()
-    position = _position(node.graph)
+    index = positions if positions is not None else {
+        n: i for i, n in enumerate(node.graph.nodes)}
+    position = lambda n: index.get(n, len(index))  # noqa: E731
     stack = [node]
     while stack:
         n = stack.pop()
@@ -82,17 +87,13 @@ def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any]) -> torch.Tensor
     return out if isinstance(out, torch.Tensor) else None
 
 
-def _position(graph: fx.Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: index[n]
-
-
 def is_causal_pattern(mask: torch.Tensor, additive: bool) -> bool:
     """True if every trailing (Nq, Nk) slice of `mask` is the top-left causal pattern."""
     if mask.dim() < 2 or mask.shape[-2] < 2 or mask.shape[-2] != mask.shape[-1]:
         return False
     n = mask.shape[-1]
-    keep = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    idx = torch.arange(n, device=mask.device)
+    keep = idx[:, None] >= idx[None, :]  # (n, n) lower triangle
     if not additive:
         return mask.dtype == torch.bool and bool((mask == keep).all())
     if not mask.is_floating_point():

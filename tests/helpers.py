@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import clusterfx as cfx
 import torch
+
+import clusterfx as cfx
 from clusterfx.ops.attention import attention as canonical_attention
 
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from clusterfx.compiler import cli
 from clusterfx.compiler.cli import BENCHMARKS, main
 

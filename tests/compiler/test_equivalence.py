@@ -6,10 +6,11 @@ from __future__ import annotations
 import copy
 import math
 
-import clusterfx as cfx
 import pytest
 import torch
 import torch.nn as nn
+
+import clusterfx as cfx
 from clusterfx.compiler.equivalence import (
     EquivalenceResult,
     ErrorStats,

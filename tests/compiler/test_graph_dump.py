@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-import clusterfx as cfx
 import pytest
 import torch
 import torch.fx as fx
+
+import clusterfx as cfx
 from clusterfx.compiler.graph_dump import (
     layer_of,
     neighbourhood,
