@@ -1,0 +1,111 @@
+"""Clustered and improved-clustered (i-clustered) attention (Vyas et al., NeurIPS 2020).
+
+Per (batch, head) the queries are grouped into C clusters (LSH + Hamming k-means, or Euclidean
+k-means; see ``clusterfx.ops.clustering``), and attention is computed once per centroid::
+
+    Q^c_j = mean_{i: a(i)=j} q_i,   A^c = softmax(s·Q^c Kᵀ + β),   O_i = (A^c V)_{a(i)}
+
+i-clustered additionally lets each query attend exactly to its cluster's top-k keys T_j, rescaled
+to the centroid's mass on them, ``m̂_j = Σ_{l∈T_j} A^c_jl``::
+
+    A^t_il = m̂_j · softmax_{l∈T_j}(s·q_i·k_l + β_l)  (l ∈ T_j),   A^t_il = A^c_jl  (l ∉ T_j)
+
+Conventions: ``s`` defaults to D**-0.5; β_l = -inf on padded keys (``key_padding_mask`` False);
+a batch element whose keys are all padded gets a zero output (documented, never NaN); GQA: query
+head h reads key/value head ``h // (H / Hk)``; Nq ≠ Nk (cross-attention) is fine. fp16/bf16
+inputs are computed in float32 and returned in their dtype; float64 is computed in float64.
+
+Backends (``impl``): "reference" (oracle, materialises Nq×Nk), "cpu" (vectorised torch, O(N·C)
+memory), "triton" (kernels from ``clusterfx.ops.clustered.triton``, CUDA or TRITON_INTERPRET=1),
+"auto" (triton on CUDA, cpu otherwise). An explicit impl never falls back. Each function is a
+``torch.library`` custom op (``torch.ops.clusterfx.*``) with a fake kernel and autograd, so it
+compiles as one opaque node; hashing, k-means and top-k selection get no gradient.
+
+Shapes: q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), key_padding_mask (B, Nk) bool,
+assignments (B, H, Nq) int64 → out (B, H, Nq, Dv) in q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clusterfx.ops.clustered import checks
+from clusterfx.ops.clustered.registration import counters
+
+__all__ = ["clustered_attention", "clustered_attention_from_assignments", "counters",
+           "improved_clustered_attention", "improved_clustered_attention_from_assignments"]
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, clusters: int,
+                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                        iterations: int = 10, bits: int = 63, seed: int = -1,
+                        clustering: str = "hamming", impl: str = "auto") -> torch.Tensor:
+    """Clustered attention: cluster the queries, attend once per centroid, broadcast back.
+
+    ``clusters`` larger than Nq is clamped (with a warning). ``seed`` seeds the hyperplanes and
+    k-means (``-1``: torch's global RNG). ``clustering``: "hamming" (LSH with ``bits`` bits, then
+    ``iterations`` of Hamming k-means; the paper's method) or "kmeans" (Euclidean).
+
+    Shapes: see the module docstring → (B, H, Nq, Dv).
+    """
+    checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    return torch.ops.clusterfx.clustered_attention(
+        q, k, v, key_padding_mask, clusters, _scale(q, scale), iterations, bits, seed,
+        clustering, impl)[0]
+
+
+def improved_clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                 clusters: int, topk: int = 32,
+                                 key_padding_mask: torch.Tensor | None = None,
+                                 scale: float | None = None, iterations: int = 10,
+                                 bits: int = 63, seed: int = -1, clustering: str = "hamming",
+                                 impl: str = "auto") -> torch.Tensor:
+    """i-clustered attention: clustered attention plus exact attention to each cluster's top-k
+    keys (``topk`` is clamped to Nk). Other arguments as ``clustered_attention``.
+
+    Shapes: see the module docstring → (B, H, Nq, Dv).
+    """
+    checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    checks.check_topk(topk)
+    return torch.ops.clusterfx.improved_clustered_attention(
+        q, k, v, key_padding_mask, clusters, topk, _scale(q, scale), iterations, bits, seed,
+        clustering, impl)[0]
+
+
+def clustered_attention_from_assignments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                         assignments: torch.Tensor, clusters: int,
+                                         key_padding_mask: torch.Tensor | None = None,
+                                         scale: float | None = None,
+                                         impl: str = "auto") -> torch.Tensor:
+    """Clustered attention for given cluster ``assignments`` (values in [0, clusters)).
+
+    Shapes: assignments (B, H, Nq) int64; the rest as the module docstring → (B, H, Nq, Dv).
+    """
+    checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
+    checks.check_assignments_meta(assignments, q, clusters)
+    checks.check_impl(impl)
+    return torch.ops.clusterfx.clustered_attention_from_assignments(
+        q, k, v, assignments, key_padding_mask, clusters, _scale(q, scale), impl)
+
+
+def improved_clustered_attention_from_assignments(q: torch.Tensor, k: torch.Tensor,
+                                                  v: torch.Tensor, assignments: torch.Tensor,
+                                                  clusters: int, key_padding_mask=None,
+                                                  scale: float | None = None, topk: int = 32,
+                                                  impl: str = "auto") -> torch.Tensor:
+    """i-clustered attention for given cluster ``assignments`` (top-k chosen inside).
+
+    Shapes: assignments (B, H, Nq) int64; the rest as the module docstring → (B, H, Nq, Dv).
+    """
+    checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
+    checks.check_assignments_meta(assignments, q, clusters)
+    checks.check_topk(topk)
+    checks.check_impl(impl)
+    return torch.ops.clusterfx.improved_clustered_attention_from_assignments(
+        q, k, v, assignments, key_padding_mask, clusters, topk, _scale(q, scale), impl)[0]

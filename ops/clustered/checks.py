@@ -1,0 +1,80 @@
+"""Argument validation for the clustered-attention ops (ValueError naming the value, before any
+work). Shape/dtype checks only read metadata, so they also run on fake tensors while tracing."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clusterfx.ops.clustering.checks import (
+    check_bits,
+    check_float,
+    check_impl,
+    check_positive_int,
+    check_seed,
+    check_valid,
+)
+
+CLUSTERINGS = ("hamming", "kmeans")
+
+
+def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
+    """q (B,H,Nq,D), k (B,Hk,Nk,D), v (B,Hk,Nk,Dv) of one float dtype and device, H a
+    multiple of Hk, key_padding_mask None or bool (B,Nk), scale None or a finite number."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t, 4, exact_rank=True)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be the same")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v devices ({q.device}, {k.device}, {v.device}) must match")
+    B, H, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes of q, k, v ({B}, {k.shape[0]}, {v.shape[0]}) must match")
+    if k.shape[-1] != D:
+        raise ValueError(f"head dim of k ({k.shape[-1]}) must equal that of q ({D})")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (Hk, Nk)")
+    if H % k.shape[1] != 0:
+        raise ValueError(f"heads of q ({H}) must be a multiple of the heads of k/v ({k.shape[1]})")
+    if Nq < 1 or k.shape[2] < 1:
+        raise ValueError(f"need at least one query and one key (Nq={Nq}, Nk={k.shape[2]})")
+    check_valid(key_padding_mask, (B, k.shape[2]), "key_padding_mask")
+    if key_padding_mask is not None and key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale ({scale!r}) must be a finite number or None (= D**-0.5)")
+
+
+def check_clustering_args(clusters, iterations, bits, seed, clustering, impl) -> None:
+    check_positive_int("clusters", clusters)
+    check_positive_int("iterations", iterations)
+    check_bits(bits)
+    check_seed(seed)
+    if clustering not in CLUSTERINGS:
+        raise ValueError(f"clustering ({clustering!r}) must be one of {CLUSTERINGS}")
+    check_impl(impl)
+
+
+def check_topk(topk) -> None:
+    check_positive_int("topk", topk)
+
+
+def check_assignments_meta(assignments, q, clusters) -> None:
+    """assignments is int64 with q's (B, H, Nq); clusters is a positive int."""
+    check_positive_int("clusters", clusters)
+    if not isinstance(assignments, torch.Tensor) or assignments.dtype != torch.int64:
+        got = assignments.dtype if isinstance(assignments, torch.Tensor) else assignments
+        raise ValueError(f"assignments ({got}) must be an int64 tensor")
+    if tuple(assignments.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"assignments has shape {tuple(assignments.shape)}; "
+                         f"expected {tuple(q.shape[:3])} (B, H, Nq)")
+
+
+def check_assignments_values(assignments, clusters) -> None:
+    """Every assignment lies in [0, clusters) (reads the data: eager only)."""
+    lo, hi = int(assignments.min()), int(assignments.max())
+    if lo < 0 or hi >= clusters:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"assignments contain {bad}; expected values in [0, {clusters})")

@@ -1,0 +1,247 @@
+"""Query clustering for clustered attention: LSH hashing plus Hamming or Euclidean k-means.
+
+The public API validates its arguments, draws *all* randomness, and dispatches to a backend:
+``reference`` (the oracle), ``cpu`` (vectorised torch) or ``triton`` (CUDA kernels for hashing and
+Hamming assignment, imported lazily from ``clusterfx.ops.clustering.triton``). Randomness is drawn
+on the CPU from a ``torch.Generator`` seeded with ``seed`` (``seed=-1``: torch's global RNG, so
+``torch.manual_seed`` controls it) and handed to the backend as plain positions, so every backend
+on every device gives the same clusters for the same seed.
+
+Algorithm (fast-transformers' clustered attention, reference notes §1.1):
+
+* hash: bit b of h(x) is ``[x·a_b[:D] > a_b[D]]`` for hyperplanes ``a_b ~ N(0, I)``;
+* Hamming k-means: C centroids initialised from the codes of C distinct random valid queries;
+  ``iterations - 1`` rounds of (assign to the nearest centroid by ``popcount(h XOR c)``, ties to
+  the lowest index; recompute each centroid bit by majority vote, tie → 0), then a final assign.
+  An empty cluster is re-seeded with the code of a random valid query;
+* Euclidean k-means: the same loop on vectors, with means instead of votes.
+
+Padding: queries with ``valid = False`` join no vote, no mean and no count; they get assignment 0.
+More clusters than (valid) queries: C is clamped to the number of valid queries with a warning;
+the returned counts keep all C columns (the extra clusters stay empty) so shapes are static.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import torch
+
+from clusterfx.ops.clustering import cpu, reference
+from clusterfx.ops.clustering.checks import (
+    check_bits,
+    check_float,
+    check_hashes,
+    check_planes,
+    check_positive_int,
+    check_seed,
+    check_valid,
+    resolve_impl,
+)
+
+__all__ = ["cluster_queries", "counters", "euclidean_kmeans", "hamming_kmeans", "lsh_hash",
+           "make_planes", "popcount"]
+
+counters: Counter[str] = Counter()  # "<function>.<backend>" calls, "clusters_clamped" warnings
+
+
+def _generator(seed: int) -> torch.Generator | None:
+    return None if seed == -1 else torch.Generator().manual_seed(seed)
+
+
+def _draw_planes(bits: int, dim: int, gen: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(bits, dim + 1, generator=gen, dtype=torch.float64)
+
+
+def make_planes(bits: int, dim: int, seed: int = -1, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random hyperplanes with a bias column, ``planes[b] = (a_b, t_b) ~ N(0, I_{D+1})``.
+
+    Drawn in float64 on the CPU from ``torch.Generator().manual_seed(seed)`` (``seed=-1``: the
+    global RNG) and then moved, so the planes do not depend on ``device`` or ``dtype``.
+
+    Shapes: → (bits, dim + 1).
+    """
+    check_bits(bits)
+    check_positive_int("dim", dim)
+    check_seed(seed)
+    return _draw_planes(bits, dim, _generator(seed)).to(device=device, dtype=dtype)
+
+
+def popcount(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Number of set bits of each int64 (two's complement). Shapes: (...) → (...) int64."""
+    check_hashes(x)
+    backend = resolve_impl(impl, x.device)
+    return reference.popcount(x) if backend == "reference" else cpu.popcount(x)
+
+
+def lsh_hash(x: torch.Tensor, planes: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Hash each row: bit b is ``[x·planes[b, :D] > planes[b, D]]``.
+
+    Shapes: x (..., N, D), planes (bits, D+1) → (..., N) int64 in [0, 2**bits).
+    """
+    check_float("x", x, 2)
+    check_planes(planes, x.shape[-1])
+    backend = resolve_impl(impl, x.device)
+    counters[f"lsh_hash.{backend}"] += 1
+    if backend == "triton":
+        from clusterfx.ops.clustering import triton as _tr
+
+        return _tr.lsh_hash(x, planes.to(device=x.device, dtype=torch.float32))
+    return (reference if backend == "reference" else cpu).lsh_hash(x, planes)
+
+
+def _clamp_warning(clusters: int, n: int, valid: torch.Tensor | None) -> None:
+    """Warn (never fail) when there are fewer (valid) queries than clusters."""
+    fewest = n if valid is None or valid.numel() == 0 else int(valid.sum(-1).min())
+    if clusters > fewest:
+        what = "queries" if valid is None else "valid queries in some row"
+        counters["clusters_clamped"] += 1
+        warnings.warn(f"clusters ({clusters}) exceeds the number of {what} ({fewest}); using "
+                      f"at most {fewest} clusters there, the others stay empty", stacklevel=3)
+
+
+def _kmeans_plan(valid: torch.Tensor, all_valid: bool, clusters: int, iterations: int,
+                 gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every random choice k-means will make, drawn up front.
+
+    * init: C distinct valid positions per row (the C smallest of random keys, padded last);
+    * reseed: for each of the ``iterations - 1`` rounds and each cluster, a random valid query;
+    * active: cluster j of row r exists iff j < (number of valid queries of r).
+
+    Shapes: valid (R, N) → init_idx (R, C), reseed_idx (iterations-1, R, C), active (R, C).
+    """
+    R, N = valid.shape
+    device = valid.device
+    keys = torch.rand(R, N, generator=gen, dtype=torch.float64).to(device)
+    if not all_valid:
+        keys = keys.masked_fill(~valid, 2.0)
+    init_idx = keys.topk(min(clusters, N), dim=-1, largest=False, sorted=True).indices
+    if clusters > N:
+        init_idx = torch.cat([init_idx, init_idx.new_zeros(R, clusters - N)], 1)
+    n_valid = valid.sum(-1)
+    active = torch.arange(clusters, device=device) < n_valid[:, None]
+    u = torch.rand(iterations - 1, R, clusters, generator=gen, dtype=torch.float64).to(device)
+    rank = (u * n_valid[:, None]).long().clamp(max=(n_valid - 1).clamp(min=0)[:, None])
+    if all_valid:
+        return init_idx, rank, active
+    valid_first = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    reseed_idx = torch.gather(valid_first.expand(iterations - 1, R, N), -1, rank)
+    return init_idx, reseed_idx, active
+
+
+def _check_kmeans_args(clusters: int, iterations: int, seed: int, n: int) -> None:
+    check_positive_int("clusters", clusters)
+    check_positive_int("iterations", iterations)
+    check_seed(seed)
+    if n < 1:
+        raise ValueError(f"the number of queries ({n}) must be at least 1 to cluster")
+
+
+def _triton_assign(hashes: torch.Tensor, bits: int):
+    """Nearest-centroid step on the Triton kernel: packs the ±1 centroids into int64 codes."""
+    from clusterfx.ops.clustering import triton as _tr
+
+    codes = hashes & ((1 << bits) - 1)
+    return lambda cent: _tr.hamming_assign(codes, cpu.pack_signs(cent))
+
+
+def hamming_kmeans(hashes: torch.Tensor, clusters: int, iterations: int = 10, bits: int = 63,
+                   seed: int = -1, valid: torch.Tensor | None = None,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """K-means of hash codes under the Hamming distance (module docstring has the algorithm).
+
+    Only the low ``bits`` bits of each code take part.
+
+    Shapes: hashes (..., N) int64, valid (..., N) bool or None →
+    assignments (..., N) int64 in [0, C), counts (..., C) int64 (valid members per cluster).
+    """
+    check_hashes(hashes)
+    check_bits(bits)
+    _check_kmeans_args(clusters, iterations, seed, hashes.shape[-1])
+    check_valid(valid, hashes.shape)
+    backend = resolve_impl(impl, hashes.device)
+    *batch, N = hashes.shape
+    h = hashes.reshape(-1, N)
+    v = torch.ones_like(h, dtype=torch.bool) if valid is None else valid.reshape(-1, N)
+    _clamp_warning(clusters, N, valid)
+    counters[f"hamming_kmeans.{backend}"] += 1
+    plan = _kmeans_plan(v, valid is None, clusters, iterations, _generator(seed))
+    if backend == "reference":
+        a, c = reference.hamming_kmeans(h, *plan, v, bits)
+    elif backend == "cpu":
+        a, c = cpu.hamming_kmeans(h, *plan, v, bits)
+    else:
+        a, c = cpu.hamming_kmeans_signs(cpu.unpack_signs(h, bits), *plan, v,
+                                        assign_fn=_triton_assign(h, bits))
+    return a.view(*batch, N), c.view(*batch, clusters)
+
+
+def euclidean_kmeans(x: torch.Tensor, clusters: int, iterations: int = 10, seed: int = -1,
+                     valid: torch.Tensor | None = None,
+                     impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the rows of ``x`` (float64 for float64 inputs, float32 otherwise).
+
+    There is no Triton kernel for it: with ``impl="triton"`` the vectorised torch code runs on
+    the tensor's device (its distances are one batched GEMM).
+
+    Shapes: x (..., N, D), valid (..., N) bool or None →
+    assignments (..., N) int64, counts (..., C) int64.
+    """
+    check_float("x", x, 2)
+    _check_kmeans_args(clusters, iterations, seed, x.shape[-2])
+    check_valid(valid, x.shape[:-1])
+    backend = resolve_impl(impl, x.device)
+    *batch, N, D = x.shape
+    xr = x.reshape(-1, N, D)
+    v = torch.ones(xr.shape[:2], dtype=torch.bool, device=x.device) if valid is None \
+        else valid.reshape(-1, N)
+    _clamp_warning(clusters, N, valid)
+    counters[f"euclidean_kmeans.{backend}"] += 1
+    plan = _kmeans_plan(v, valid is None, clusters, iterations, _generator(seed))
+    mod = reference if backend == "reference" else cpu
+    a, c = mod.euclidean_kmeans(xr, *plan, v)
+    return a.view(*batch, N), c.view(*batch, clusters)
+
+
+def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bits: int = 63,
+                    seed: int = -1, clustering: str = "hamming",
+                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the queries of every row, as clustered attention does.
+
+    ``clustering="hamming"``: hash with ``bits`` random hyperplanes, then Hamming k-means;
+    ``"kmeans"``: Euclidean k-means on the queries themselves. One generator seeded with
+    ``seed`` draws the hyperplanes and then the k-means choices.
+
+    Shapes: q (..., N, D) → assignments (..., N) int64, counts (..., C) int64.
+    """
+    check_float("q", q, 2)
+    if clustering not in ("hamming", "kmeans"):
+        raise ValueError(f"clustering ({clustering!r}) must be 'hamming' or 'kmeans'")
+    check_bits(bits)
+    _check_kmeans_args(clusters, iterations, seed, q.shape[-2])
+    backend = resolve_impl(impl, q.device)
+    *batch, N, D = q.shape
+    x = q.reshape(-1, N, D)
+    valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
+    _clamp_warning(clusters, N, None)
+    counters[f"cluster_queries.{clustering}.{backend}"] += 1
+    gen = _generator(seed)
+    if clustering == "kmeans":
+        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
+        a, c = (reference if backend == "reference" else cpu).euclidean_kmeans(x, *plan, valid)
+    else:
+        planes = _draw_planes(bits, D, gen)
+        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
+        if backend == "reference":
+            a, c = reference.hamming_kmeans(reference.lsh_hash(x, planes), *plan, valid, bits)
+        elif backend == "cpu":
+            a, c = cpu.hamming_kmeans_signs(cpu.lsh_signs(x, planes), *plan, valid)
+        else:
+            from clusterfx.ops.clustering import triton as _tr
+
+            h = _tr.lsh_hash(x, planes.to(device=q.device, dtype=torch.float32))
+            a, c = cpu.hamming_kmeans_signs(cpu.unpack_signs(h, bits), *plan, valid,
+                                            assign_fn=_triton_assign(h, bits))
+    return a.view(*batch, N), c.view(*batch, clusters)

@@ -1,0 +1,232 @@
+"""Query clustering: popcount, LSH hashing, Hamming and Euclidean k-means.
+
+The oracle is ``clusterfx.ops.clustering.reference``; the fast CPU path must agree with it bit for
+bit (Hamming) given the same seed, on both of its GEMM forms (int8 per row and batched fp32).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterfx.ops import clustering as cl
+from clusterfx.ops.clustering import cpu, reference
+
+BACKENDS = (reference, cpu)
+
+
+@pytest.fixture(params=["int8", "fp32"])
+def gemm_form(request, monkeypatch):
+    """Run a test once with the int8-per-row GEMM forced on and once with it off."""
+    monkeypatch.setattr(cpu, "_INT8_MIN_WORK", 0 if request.param == "int8" else 2**62)
+    return request.param
+
+
+def _plan(R: int, C: int, init: list[int], reseed: list[list[int]] | None = None):
+    """An explicit k-means plan: the same init positions in every row."""
+    init_idx = torch.tensor(init).expand(R, C).contiguous()
+    reseed_idx = torch.tensor(reseed or [], dtype=torch.int64).view(-1, 1, C).expand(-1, R, C)
+    return init_idx, reseed_idx, torch.ones(R, C, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------- popcount
+
+
+def test_popcount_matches_python_bin_count():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randint(-2**63, 2**63 - 1, (2000,), dtype=torch.int64),
+                   torch.tensor([0, 1, -1, 2**63 - 1, -2**63, 0x5555555555555555])])
+    expected = torch.tensor([bin(int(v) & (2**64 - 1)).count("1") for v in x])
+    for impl in ("reference", "cpu"):
+        assert torch.equal(cl.popcount(x, impl=impl), expected), impl
+
+
+# ----------------------------------------------------------------------------------- hashing
+
+
+def test_lsh_hash_bits_follow_the_hyperplane_rule():
+    torch.manual_seed(1)
+    x = torch.randn(3, 20, 5, dtype=torch.float64)
+    planes = cl.make_planes(11, 5, seed=4, dtype=torch.float64)
+    expected = torch.zeros(3, 20, dtype=torch.int64)
+    for b in range(11):
+        bit = (x @ planes[b, :5]) > planes[b, 5]
+        expected |= bit.long() << b
+    for impl in ("reference", "cpu"):
+        assert torch.equal(cl.lsh_hash(x, planes, impl=impl), expected), impl
+    assert int(expected.max()) < 2**11
+
+
+def test_make_planes_is_seeded_and_device_dtype_independent():
+    a = cl.make_planes(63, 8, seed=7)
+    assert a.shape == (63, 9) and a.dtype == torch.float32
+    assert torch.equal(a, cl.make_planes(63, 8, seed=7))
+    assert not torch.equal(a, cl.make_planes(63, 8, seed=8))
+    assert torch.equal(a, cl.make_planes(63, 8, seed=7, dtype=torch.float64).float())
+    torch.manual_seed(3)
+    g1 = cl.make_planes(5, 4, seed=-1)
+    torch.manual_seed(3)
+    assert torch.equal(g1, cl.make_planes(5, 4, seed=-1))
+
+
+# ----------------------------------------------------------------------------------- k-means
+
+
+@pytest.mark.parametrize("mod", BACKENDS, ids=["reference", "cpu"])
+def test_hamming_ties_go_to_the_lowest_cluster(mod, gemm_form):
+    # query 2 (0b01) is at distance 1 from both 0b00 and 0b11; query 3 equals nobody
+    hashes = torch.tensor([[0b00, 0b11, 0b01, 0b10]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    for init in ([0, 1], [1, 0]):
+        a, counts = mod.hamming_kmeans(hashes, *_plan(1, 2, init), valid, bits=2)
+        assert a[0, 2] == 0 and a[0, 3] == 0, (init, a)
+    # duplicated centroids: every query ties, so everything lands in cluster 0
+    a, counts = mod.hamming_kmeans(torch.tensor([[5, 5, 9]]), *_plan(1, 2, [0, 1]),
+                                   torch.ones(1, 3, dtype=torch.bool), bits=4)
+    assert a.tolist() == [[0, 0, 0]] and counts.tolist() == [[3, 0]]
+
+
+def test_majority_vote_and_tie_to_zero(gemm_form):
+    members = torch.tensor([0b0111, 0b0011, 0b1001, 0b1000])
+    # bit 0: 3 of 4 -> 1; bit 1: 2 of 4, a tie -> 0; bit 2: 1 of 4 -> 0; bit 3: a tie -> 0
+    assert int(reference._majority_code(members, 4)) == 0b0001
+    signs = cpu.unpack_signs(members[None], 4)
+    gemm = cpu._HammingGemm(signs, torch.ones(1, 4, dtype=torch.bool), 2)
+    sums, counts = gemm.votes(torch.tensor([[0, 0, 0, 0]]))
+    voted = cpu.pack_signs((sums[0, 0] > 0).to(torch.int8) * 2 - 1)
+    assert int(voted) == 0b0001 and counts.tolist() == [[4, 0]]
+
+
+@pytest.mark.parametrize("mod", BACKENDS, ids=["reference", "cpu"])
+def test_empty_cluster_is_reseeded_from_the_drawn_query(mod, gemm_form):
+    # both centroids start on code 0, so cluster 1 wins no query and is empty after round 1;
+    # it is re-seeded with query 4's code (0xFF), which then captures the two 0xFF queries.
+    hashes = torch.tensor([[0, 0, 1, 0xFF, 0xFF]])
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    a, counts = mod.hamming_kmeans(hashes, *_plan(1, 2, [0, 1], reseed=[[0, 4]]), valid, bits=8)
+    assert a.tolist() == [[0, 0, 0, 1, 1]] and counts.tolist() == [[3, 2]]
+    # without the reseed round (iterations = 1) cluster 1 stays empty
+    a, counts = mod.hamming_kmeans(hashes, *_plan(1, 2, [0, 1]), valid, bits=8)
+    assert counts.tolist() == [[5, 0]]
+
+
+def test_padded_queries_get_cluster_zero_and_no_count():
+    torch.manual_seed(0)
+    hashes = torch.randint(0, 2**20, (2, 3, 40))
+    valid = torch.rand(2, 3, 40) > 0.4
+    for impl in ("reference", "cpu"):
+        a, counts = cl.hamming_kmeans(hashes, 4, bits=20, seed=1, valid=valid, impl=impl)
+        assert (a[~valid] == 0).all()
+        assert torch.equal(counts.sum(-1), valid.sum(-1))
+        for c in range(4):
+            assert torch.equal(counts[..., c], ((a == c) & valid).sum(-1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(R=st.integers(1, 3), N=st.integers(1, 40), C=st.integers(1, 12), bits=st.integers(1, 63),
+       iterations=st.integers(1, 4), pad=st.booleans(), seed=st.integers(0, 2**31))
+def test_cpu_hamming_kmeans_equals_reference(R, N, C, bits, iterations, pad, seed):
+    g = torch.Generator().manual_seed(seed)
+    hashes = torch.randint(0, 2**min(bits, 62), (R, N), generator=g)
+    hashes[:, N // 2:] = hashes[:, :1]  # duplicates make ties
+    valid = (torch.rand(R, N, generator=g) > 0.3) if pad else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cl.hamming_kmeans(hashes, C, iterations, bits, seed, valid, impl="reference")
+        for int8_work in (0, 2**62):
+            cpu._INT8_MIN_WORK, saved = int8_work, cpu._INT8_MIN_WORK
+            try:
+                got = cl.hamming_kmeans(hashes, C, iterations, bits, seed, valid, impl="cpu")
+            finally:
+                cpu._INT8_MIN_WORK = saved
+            assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+@pytest.mark.parametrize("clustering", ["hamming", "kmeans"])
+def test_cluster_queries_cpu_equals_reference_and_is_deterministic(clustering, gemm_form):
+    torch.manual_seed(0)
+    centres = torch.randn(5, 8, dtype=torch.float64) * 10
+    q = (centres[torch.randint(0, 5, (2, 3, 60))] + 0.1 * torch.randn(2, 3, 60, 8,
+                                                                      dtype=torch.float64))
+    ref = cl.cluster_queries(q, 5, seed=11, clustering=clustering, impl="reference")
+    got = cl.cluster_queries(q, 5, seed=11, clustering=clustering, impl="cpu")
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    assert torch.equal(got[0], cl.cluster_queries(q, 5, seed=11, clustering=clustering)[0])
+    assert got[1].shape == (2, 3, 5) and (got[1].sum(-1) == 60).all()
+    torch.manual_seed(5)
+    a1 = cl.cluster_queries(q, 5, seed=-1, clustering=clustering)[0]
+    torch.manual_seed(5)
+    assert torch.equal(a1, cl.cluster_queries(q, 5, seed=-1, clustering=clustering)[0])
+
+
+def test_seeds_change_the_clustering():
+    q = torch.randn(1, 1, 200, 16)
+    outs = {tuple(cl.cluster_queries(q, 10, seed=s)[0].flatten().tolist()) for s in range(4)}
+    assert len(outs) > 1
+
+
+def test_more_clusters_than_queries_warns_and_keeps_static_shape():
+    q = torch.randn(2, 10, 4)
+    with pytest.warns(UserWarning, match=r"clusters \(16\) exceeds the number of queries \(10\)"):
+        a, counts = cl.cluster_queries(q, 16, seed=0)
+    assert counts.shape == (2, 16) and (counts[:, 10:] == 0).all()
+    assert (a < 10).all() and (counts.sum(-1) == 10).all()
+    valid = torch.zeros(2, 10, dtype=torch.bool)
+    valid[0, :3] = True
+    with pytest.warns(UserWarning, match=r"clusters \(5\) exceeds .* valid queries .* \(0\)"):
+        a, counts = cl.euclidean_kmeans(q, 5, seed=0, valid=valid)
+    assert counts[0].sum() == 3 and counts[1].sum() == 0 and (a[1] == 0).all()
+
+
+def test_euclidean_kmeans_finds_separated_blobs():
+    torch.manual_seed(2)
+    centres = torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
+    labels = torch.arange(3).repeat_interleave(20)
+    x = centres[labels] + torch.randn(60, 2)
+    for impl in ("reference", "cpu"):
+        a, counts = cl.euclidean_kmeans(x[None], 3, iterations=10, seed=0, impl=impl)
+        # same partition as the blobs (up to renaming): each blob maps to one cluster
+        pairs = {(int(lab), int(c)) for lab, c in zip(labels, a[0], strict=True)}
+        assert len(pairs) == 3 and sorted(counts[0].tolist()) == [20, 20, 20], impl
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"clusters": 0}, r"clusters \(0\)"),
+    ({"clusters": -3}, r"clusters \(-3\)"),
+    ({"clusters": True}, r"clusters \(True\)"),
+    ({"iterations": 0}, r"iterations \(0\)"),
+    ({"bits": 64}, r"bits \(64\)"),
+    ({"bits": 0}, r"bits \(0\)"),
+    ({"seed": -2}, r"seed \(-2\)"),
+    ({"impl": "gpu"}, r"impl \('gpu'\)"),
+])
+def test_bad_parameters_raise_value_error_naming_the_value(kwargs, match):
+    args = {"clusters": 2, "iterations": 3, "bits": 8, "seed": 0, "impl": "cpu", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        cl.hamming_kmeans(torch.zeros(4, dtype=torch.int64), **args)
+
+
+def test_bad_inputs_raise_value_error():
+    with pytest.raises(ValueError, match=r"hashes \(torch.int32"):
+        cl.hamming_kmeans(torch.zeros(4, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match=r"x.dtype \(torch.int64\) is not supported"):
+        cl.euclidean_kmeans(torch.zeros(4, 2, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match=r"valid has shape \(3,\); expected \(4,\)"):
+        cl.hamming_kmeans(torch.zeros(4, dtype=torch.int64), 2, valid=torch.ones(3).bool())
+    with pytest.raises(ValueError, match=r"planes \(\(3, 5\)\) must have shape \(bits, 3\)"):
+        cl.lsh_hash(torch.zeros(4, 2), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"clustering \('lsh'\)"):
+        cl.cluster_queries(torch.zeros(4, 2), 2, clustering="lsh")
+
+
+def test_explicit_triton_on_cpu_refuses_instead_of_falling_back(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="impl='triton' needs CUDA tensors or TRITON_INTERPRET"):
+        cl.cluster_queries(torch.randn(8, 4), 2, impl="triton")
