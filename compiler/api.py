@@ -125,7 +125,15 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
 
 def _report(state: CompileState) -> Report:
     records = state.latest_records()
-    rows = [Row(site) for rec in records for site in rec.sites]
+    rows = []
+    for rec in records:
+        # a recompiled graph replaces its earlier versions; their run-time path counts add up
+        earlier = [r for r in state.records if r.compile_id == rec.compile_id and r is not rec]
+        for i, site in enumerate(rec.sites):
+            same = [r.sites[i] for r in earlier if len(r.sites) == len(rec.sites)
+                    and r.sites[i].fqn == site.fqn]
+            ids = [s.extra["runtime_id"] for s in [*same, site] if "runtime_id" in s.extra]
+            rows.append(Row(site, runtime_ids=ids))
     paths = [r.fqn for r in rows]
     return Report(rows=rows, unmatched_keys=state.policy.unmatched_keys(paths),
                   graphs=len(records), compiles=len(state.records),

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..passes import lower_topk  # noqa: F401 - registers the TopK lowering
+from ..passes import lower_clustered, lower_topk  # noqa: F401 - register their lowerings
 from ..passes.canonicalize import canonicalize_attention
 from ..passes.inline_mha import inline_multi_head_attention
 from ..passes.lower import lower_attention

@@ -7,10 +7,11 @@ from typing import Any
 
 import sympy
 
+from ..ops.conditional import site_paths
 from ..passes.site import Site
 
 _COLUMNS = ("fqn", "spelling", "shapes", "mask", "causal", "rewrite", "status", "flops",
-            "memory", "reason")
+            "memory", "ran", "reason")
 
 
 def _fmt_shape(shape: tuple) -> str:
@@ -27,6 +28,7 @@ def _human(x: float) -> str:
 @dataclass
 class Row:
     site: Site
+    runtime_ids: list[str] = field(default_factory=list)  # this site's ops across recompiles
 
     @property
     def fqn(self) -> str:
@@ -47,6 +49,17 @@ class Row:
     @property
     def reason(self) -> str:
         return self.site.reason
+
+    @property
+    def paths(self) -> dict[str, int]:
+        """Which path the rewritten op took at run time, and how often (approximate, or exact
+        below `min_length` / for a mask that is not key padding)."""
+        ids = self.runtime_ids or [self.site.extra.get("runtime_id")]
+        total: dict[str, int] = {}
+        for site_id in ids:
+            for path, n in site_paths.get(site_id, {}).items():
+                total[path] = total.get(path, 0) + n
+        return total
 
     def costs(self) -> dict[str, Any]:
         """Symbolic FLOPs/bytes before and after, and their values at the observed shapes."""
@@ -73,7 +86,8 @@ class Row:
             "dtype": s.dtype, "mask": s.mask, "causal": s.causal, "scale": _jsonable(s.scale),
             "dropout_p": s.dropout_p, "gqa_groups": s.gqa_groups, "rewrite": s.rewrite,
             "policy_key": s.policy_key, "status": s.status, "reason": s.reason,
-            "probs_used_by": list(s.probs_used_by), "graph": s.graph_index, **costs,
+            "probs_used_by": list(s.probs_used_by), "graph": s.graph_index,
+            "paths": self.paths, "min_length": s.extra.get("min_length"), **costs,
         }
 
     def cells(self) -> list[str]:
@@ -86,8 +100,9 @@ class Row:
                       f"{_human(c['memory_after_value'])}B")
         shapes = f"q{_fmt_shape(s.q_shape)} k{_fmt_shape(s.k_shape)}"
         mask = s.mask + (f"{_fmt_shape(s.mask_shape)}" if s.mask != "none" else "")
+        ran = ", ".join(f"{path} x{n}" for path, n in self.paths.items())
         return [s.fqn or "<root>", s.spelling, shapes, mask, "yes" if s.causal else "no",
-                s.rewrite, s.status, flops, memory, s.reason]
+                s.rewrite, s.status, flops, memory, ran, s.reason]
 
 
 def _jsonable(x: Any) -> Any:

@@ -30,6 +30,12 @@ from ..compiler.configs import (
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
+# Time per FLOP relative to fused dense attention, measured on the CPU benchmark
+# (`clusterfx bench attention`: N=16k, H=8, D=64, C=100 ran 27x faster than SDPA for 121x
+# fewer FLOPs). `Auto` compares flops / efficiency.
+EFFICIENCY = {"dense": 1.0, "clustered": 0.22, "improved_clustered": 0.22}
+
+
 @dataclass(frozen=True)
 class Cost:
     flops: sympy.Expr
@@ -77,3 +83,35 @@ def estimate(site, config: AttentionConfig | None, fused: bool) -> Cost:
         m = sympy.Integer(config.clusters)
         return Cost(2 * bh * nq * m * (d + dv), 2 * bh * nq * m * size)
     return Cost(dense_flops, 2 * bh * nq * nk * size)
+
+
+def crossover_length(site, config: Clustered, limit: int = 1 << 24) -> int | None:
+    """The smallest self-attention length N (Nq = Nk = N) at which `config` is estimated to be
+    faster than exact attention for this site's batch, heads and head dims; None if never
+    below `limit`. Symbolic dims are taken at their observed values."""
+    hints = site.extra.get("hints", {})
+    q = [int(sympy.sympify(d).xreplace(hints)) for d in site.q_shape]
+    v = [int(sympy.sympify(d).xreplace(hints)) for d in site.v_shape]
+    bh = 1
+    for d in q[:-2]:
+        bh *= d
+    d, dv = q[-1], v[-1]
+    efficiency = EFFICIENCY.get(config.name, 1.0)
+
+    def cheaper(n: int) -> bool:
+        probe = type(site)(site.fqn, site.spelling, q_shape=(bh, n, d), v_shape=(bh, n, dv),
+                           dtype=site.dtype)
+        dense = float(estimate(probe, None, fused=True).flops)
+        approx = float(estimate(probe, config, fused=True).flops) / efficiency
+        return approx < dense
+
+    n = 16
+    while n <= limit and not cheaper(n):
+        n *= 2
+    if n > limit:
+        return None
+    lo, hi = n // 2, n  # cheaper(hi) holds; find the first length that is
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if cheaper(mid) else (mid, hi)
+    return hi

@@ -106,8 +106,9 @@ def _lower_one(editor, node, site, config, strict):
                               f"{exc}") from None
         site.mark(KEPT_DENSE, f"{config.name} declined: {exc}", rewrite="dense")
         return lower_dense(editor, node, site), None
-    site.mark(REWRITTEN, "", rewrite=config.name)
-    return new, config
+    site.mark(REWRITTEN, site.extra.get("note", ""), rewrite=config.name)
+    # a lowering may say what it really runs at the observed shape (Auto: its candidate)
+    return new, site.extra.get("effective_config", config)
 
 
 def as_four_d(editor: GraphEditor, node: fx.Node, site: Site):
