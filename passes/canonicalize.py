@@ -29,20 +29,14 @@ import torch
 import torch.fx as fx
 
 from ..ops.attention import attention as canonical_attention
+from . import attention_reading as rd
 from . import graph_utils as gu
+from .attention_reading import NotAttention, Unsupported
 from .einsum_spec import EinsumNotAttention, read_scores, read_values
 from .mask_analysis import evaluate_static, is_causal_pattern
 from .site import SITE_META, UNSUPPORTED, Site, hints_of, shape_of
 
 _MIN_FILL = -1e4  # a fill at or below this is a mask, not a score edit
-
-
-class NotAttention(Exception):
-    """The softmax is not an attention (classifier head, gate, router...)."""
-
-
-class Unsupported(Exception):
-    """Attention-shaped, but the spelling cannot be read exactly."""
 
 
 @dataclass
@@ -69,149 +63,6 @@ class Match:
     chain: set = field(default_factory=set)  # score nodes walked so far (softmax side)
 
 
-# --------------------------------------------------------------------------- reading helpers
-
-def _softmax_dim(node: fx.Node) -> tuple[Any, Any] | None:
-    if gu.is_function(node, *gu.SOFTMAXES):
-        return gu.arg(node, 0, "input"), gu.arg(node, 1, "dim")
-    if gu.is_method(node, "softmax"):
-        return node.args[0], gu.arg(node, 1, "dim")
-    return None
-
-
-def _is_cast(node: Any) -> bool:
-    if gu.is_method(node, *gu.CAST_METHODS):
-        val = gu.value_of(node)
-        return isinstance(val, torch.Tensor) and val.is_floating_point()
-    return False
-
-
-def _dropout(node: fx.Node) -> float | None:
-    """The effective dropout probability of a dropout node, or None if `node` is none."""
-    if gu.is_function(node, torch.nn.functional.dropout):
-        p, training = gu.arg(node, 1, "p", 0.5), gu.arg(node, 2, "training", True)
-    elif gu.is_function(node, torch.dropout):
-        p, training = gu.arg(node, 1, "p"), gu.arg(node, 2, "train")
-    else:
-        return None
-    if not isinstance(training, bool) or gu.static_number(p) is None:
-        raise Unsupported("dropout with a non-constant probability or training flag")
-    return float(p) if training else 0.0
-
-
-def _matmul_operands(node: Any) -> tuple[Any, Any] | None:
-    if gu.is_function(node, *gu.MATMULS):
-        return node.args[0], node.args[1]
-    if gu.is_method(node, "matmul", "bmm", "__matmul__"):
-        return node.args[0], node.args[1]
-    return None
-
-
-def _is_score_producer(node: Any) -> bool:
-    return (_matmul_operands(node) is not None or gu.is_function(node, torch.baddbmm)
-            or gu.is_method(node, "baddbmm") or gu.is_function(node, *gu.EINSUMS))
-
-
-def _einsum_parts(node: fx.Node) -> tuple[str, list]:
-    eq, *ops = node.args
-    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = list(ops[0])
-    return eq, ops
-
-
-def _swap_last2(node: Any) -> bool:
-    """Is `node` a transpose of exactly the last two dims?"""
-    nd = gu.ndim(node)
-    if nd is None:
-        return False
-    if gu.is_function(node, getattr) and node.args[1] == "mT":
-        return True
-    if gu.is_method(node, "transpose") or gu.is_function(node, torch.transpose):
-        dims = sorted(d % nd for d in node.args[1:3])
-        return dims == [nd - 2, nd - 1]
-    if gu.is_method(node, "permute") or gu.is_function(node, torch.permute):
-        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        perm = [p % nd for p in perm]
-        return perm == list(range(nd - 2)) + [nd - 1, nd - 2]
-    return False
-
-
-def _scalar_operand(node: fx.Node) -> tuple[Any, Any] | None:
-    """For `x * s` / `s * x` with s scalar-like: (x, s)."""
-    a, b = node.args[0], node.args[1]
-    if gu.is_scalar_like(b) and isinstance(a, fx.Node) and not gu.is_scalar_like(a):
-        return a, b
-    if gu.is_scalar_like(a) and isinstance(b, fx.Node) and not gu.is_scalar_like(b):
-        return b, a
-    return None
-
-
-class Reciprocal:
-    def __init__(self, x: Any):
-        self.x = x
-
-
-def _peel_scale(node: Any, factors: list) -> Any:
-    """Strip scalar multiplications/divisions (and `contiguous`) off a q or k operand."""
-    while isinstance(node, fx.Node):
-        if gu.is_function(node, *gu.MUL_FUNCS) or gu.is_method(node, "mul"):
-            split = _scalar_operand(node)
-            if split is None:
-                break
-            node = split[0]
-            factors.append(split[1])
-        elif (gu.is_function(node, *gu.DIV_FUNCS) or gu.is_method(node, "div")) and \
-                gu.is_scalar_like(node.args[1]) and not gu.is_scalar_like(node.args[0]):
-            factors.append(Reciprocal(node.args[1]))
-            node = node.args[0]
-        elif gu.is_method(node, "contiguous"):
-            node = node.args[0]
-        else:
-            break
-    return node
-
-
-def _reaches_scores(node: Any, depth: int = 16) -> bool:
-    """Does `node` come from a score matmul through ops the backward walk accepts?"""
-    while isinstance(node, fx.Node) and depth > 0:
-        if _is_score_producer(node):
-            return True
-        if gu.is_function(node, *gu.ADD_FUNCS) or gu.is_method(node, "add", "add_"):
-            return any(_reaches_scores(a, depth - 1) for a in node.args[:2])
-        if gu.is_function(node, torch.where):
-            return any(_reaches_scores(a, depth - 1) for a in node.args[1:3])
-        if not node.args or not isinstance(node.args[0], fx.Node):
-            return False
-        node = node.args[0]
-        depth -= 1
-    return False
-
-
-def _has_score_ancestor(node: Any, depth: int = 8) -> bool:
-    """Is a score producer (matmul/bmm/baddbmm/einsum) among the ancestors within `depth`?"""
-    frontier, seen = [node], set()
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            if not isinstance(n, fx.Node) or n in seen:
-                continue
-            seen.add(n)
-            if _is_score_producer(n):
-                return True
-            nxt.extend(n.all_input_nodes)
-        frontier = nxt
-    return False
-
-
-def _fill_value(value: Any, concrete: dict) -> float | None:
-    number = gu.static_number(value)
-    if number is None and isinstance(value, fx.Node):
-        tensor = evaluate_static(value, concrete)  # rare: a tensor-valued fill
-        if tensor is not None and tensor.numel() == 1:
-            number = float(tensor.item())
-    return number
-
-
 # --------------------------------------------------------------------------- the matcher
 
 class Canonicalizer:
@@ -226,16 +77,16 @@ class Canonicalizer:
     def forward_side(self, sm: fx.Node) -> tuple[fx.Node, float, list[fx.Node], list[str]]:
         cur, dropout_p, chain, others = sm, 0.0, [sm], []
         while True:
-            nxt = [u for u in cur.users if _is_cast(u) or _dropout_or_none(u) is not None]
-            others += [u.name for u in cur.users if u not in nxt and not _probs_matmul(u, cur)]
-            pv = [u for u in cur.users if _probs_matmul(u, cur)]
+            nxt = [u for u in cur.users if rd.is_cast(u) or rd.dropout_or_none(u) is not None]
+            others += [u.name for u in cur.users if u not in nxt and not rd.probs_matmul(u, cur)]
+            pv = [u for u in cur.users if rd.probs_matmul(u, cur)]
             if pv and not nxt:
                 if len(pv) > 1:
                     others += [u.name for u in pv[1:]]
                 return pv[0], dropout_p, chain, others
             if len(nxt) != 1:
                 raise NotAttention("softmax output is not multiplied with values")
-            p = _dropout(nxt[0])
+            p = rd.dropout(nxt[0])
             if p is not None:
                 if dropout_p and p:
                     raise Unsupported("two dropouts on the attention probabilities")
@@ -250,10 +101,10 @@ class Canonicalizer:
             if not isinstance(x, fx.Node):
                 raise Unsupported("scores are not a tensor computed in this graph")
             written = gu.inplace_users(x)
-            if any(not _feeds(u, match.chain) for u in written):
+            if any(not rd.feeds(u, match.chain) for u in written):
                 raise Unsupported(f"scores are modified in place by {written[0].name}")
             match.chain.add(x)
-            if _is_cast(x):
+            if rd.is_cast(x):
                 x = x.args[0]
             elif gu.is_function(x, *gu.ADD_FUNCS) or gu.is_method(x, "add", "add_"):
                 a, b = x.args[0], x.args[1]
@@ -263,16 +114,16 @@ class Canonicalizer:
                 if gu.is_scalar_like(b) or gu.is_scalar_like(a):  # softmax is shift-invariant
                     x = a if gu.is_scalar_like(b) else b
                     continue
-                if _reaches_scores(a):
+                if rd.reaches_scores(a):
                     x, mask = a, b
-                elif _reaches_scores(b):
+                elif rd.reaches_scores(b):
                     x, mask = b, a
                 else:
                     raise Unsupported("scores are a sum of two non-matmul tensors")
                 match.masks.append(MaskTerm(mask, "add", outer=list(match.factors)))
             elif gu.is_method(x, "masked_fill", "masked_fill_") or gu.is_function(
                     x, torch.masked_fill):
-                fill = _fill_value(gu.arg(x, 2, "value"), self.concrete)
+                fill = rd.fill_value(gu.arg(x, 2, "value"), self.concrete)
                 if fill is None or fill > _MIN_FILL:
                     raise Unsupported(f"masked_fill with value {fill!r} (not a mask: a mask fills "
                                       f"with -inf or a value <= {_MIN_FILL:g})")
@@ -281,10 +132,10 @@ class Canonicalizer:
                 x = x.args[0]
             elif gu.is_function(x, torch.where):
                 cond, a, b = x.args[:3]
-                if isinstance(a, fx.Node) and _reaches_scores(a):
-                    kind, fill, x = "keep", _fill_value(b, self.concrete), a
-                elif isinstance(b, fx.Node) and _reaches_scores(b):
-                    kind, fill, x = "drop", _fill_value(a, self.concrete), b
+                if isinstance(a, fx.Node) and rd.reaches_scores(a):
+                    kind, fill, x = "keep", rd.fill_value(b, self.concrete), a
+                elif isinstance(b, fx.Node) and rd.reaches_scores(b):
+                    kind, fill, x = "drop", rd.fill_value(a, self.concrete), b
                 else:
                     raise Unsupported("torch.where on the scores without a matmul branch")
                 if fill is None or fill > _MIN_FILL:
@@ -292,30 +143,30 @@ class Canonicalizer:
                 match.masks.append(MaskTerm(cond, kind, fill, list(match.factors),
                                             gu.value_of(x).dtype))
             elif gu.is_function(x, *gu.MUL_FUNCS) or gu.is_method(x, "mul"):
-                split = _scalar_operand(x)
+                split = rd.scalar_operand(x)
                 if split is None:
                     raise Unsupported("scores multiplied by a tensor (not a scalar scale)")
                 x = split[0]
                 match.factors.append(split[1])
             elif (gu.is_function(x, *gu.DIV_FUNCS) or gu.is_method(x, "div")) and \
                     gu.is_scalar_like(x.args[1]):
-                match.factors.append(Reciprocal(x.args[1]))
+                match.factors.append(rd.Reciprocal(x.args[1]))
                 x = x.args[0]
-            elif _is_score_producer(x):
+            elif rd.is_score_producer(x):
                 return x
             else:
-                raise Unsupported(f"scores pass through {_describe(x)} before the softmax")
+                raise Unsupported(f"scores pass through {rd.describe(x)} before the softmax")
 
     def read_qk(self, producer: fx.Node, match: Match) -> None:
         if gu.is_function(producer, *gu.EINSUMS):
-            eq, ops = _einsum_parts(producer)
+            eq, ops = rd.einsum_parts(producer)
             try:
                 spec = read_scores(eq, [gu.ndim(o) or 0 for o in ops])
             except EinsumNotAttention as exc:
                 raise Unsupported(str(exc)) from None
             match.spelling = "einsum"
-            match.q = ("permute", _peel_scale(ops[0], match.factors), spec.perm_a)
-            match.k = ("permute", _peel_scale(ops[1], match.factors), spec.perm_b)
+            match.q = ("permute", rd.peel_scale(ops[0], match.factors), spec.perm_a)
+            match.k = ("permute", rd.peel_scale(ops[1], match.factors), spec.perm_b)
             return
         if gu.is_function(producer, torch.baddbmm) or gu.is_method(producer, "baddbmm"):
             bias, a, b = producer.args[:3]
@@ -329,17 +180,17 @@ class Canonicalizer:
                 match.factors.append(alpha)
             match.spelling = "baddbmm"
         else:
-            a, b = _matmul_operands(producer)
-        match.q = _peel_scale(a, match.factors)
-        kt = _peel_scale(b, match.factors)
-        if _swap_last2(kt):
-            match.k = _peel_scale(kt.args[0], match.factors)
+            a, b = rd.matmul_operands(producer)
+        match.q = rd.peel_scale(a, match.factors)
+        kt = rd.peel_scale(b, match.factors)
+        if rd.swap_last2(kt):
+            match.k = rd.peel_scale(kt.args[0], match.factors)
         else:
             match.k = ("transpose", kt)
 
     def read_v(self, pv: fx.Node, probs: fx.Node, match: Match) -> None:
         if gu.is_function(pv, *gu.EINSUMS):
-            eq, ops = _einsum_parts(pv)
+            eq, ops = rd.einsum_parts(pv)
             first = ops[0] is probs
             try:
                 spec = read_values(eq, [gu.ndim(o) or 0 for o in ops], first)
@@ -349,7 +200,7 @@ class Canonicalizer:
             if spec.perm_out != tuple(range(len(spec.perm_out))):
                 match.out_perm = spec.perm_out
         else:
-            match.v = _matmul_operands(pv)[1]
+            match.v = rd.matmul_operands(pv)[1]
 
     # ----------------------------------------------------------------------- building
     def materialise(self, ref: Any, like: fx.Node) -> Any:
@@ -366,7 +217,7 @@ class Canonicalizer:
         """Fold the factors into a float scale; symbolic factors are multiplied into q."""
         static, dynamic = 1.0, []
         for f in factors:
-            inverse = isinstance(f, Reciprocal)
+            inverse = isinstance(f, rd.Reciprocal)
             x = f.x if inverse else f
             n = gu.static_number(x)
             if n is not None:
@@ -403,7 +254,7 @@ class Canonicalizer:
             if t.kind == "add":
                 node = t.node
                 for f in t.outer:
-                    inverse = isinstance(f, Reciprocal)
+                    inverse = isinstance(f, rd.Reciprocal)
                     op = gu.DIV_FUNCS[0] if inverse else gu.MUL_FUNCS[0]
                     node = self.editor.call(op, (node, f.x if inverse else f), like=like)
                 adds.append(node)
@@ -442,7 +293,7 @@ class Canonicalizer:
             q = self.materialise(match.q, like)
             k = self.materialise(match.k, like)
             v = self.materialise(match.v, like)
-            k, v, groups = _unwrap_gqa(k, v)
+            k, v, groups = rd.unwrap_gqa(k, v)
             match.gqa_groups = max(groups, match.gqa_groups)
             scale, q = self.scale_value(match.factors, like, q)
             mask, causal = self.combine_masks(match.masks, like)
@@ -463,90 +314,11 @@ class Canonicalizer:
 def _static_scale_ok(term: MaskTerm) -> bool:
     """A causal additive mask stays causal under positive static scales."""
     for f in term.outer:
-        x = f.x if isinstance(f, Reciprocal) else f
+        x = f.x if isinstance(f, rd.Reciprocal) else f
         n = gu.static_number(x)
         if n is None or n <= 0:
             return False
     return True
-
-
-def _dropout_or_none(node: fx.Node) -> float | None:
-    try:
-        return _dropout(node)
-    except Unsupported:
-        return 0.0
-
-
-def _probs_matmul(user: fx.Node, probs: fx.Node) -> bool:
-    ops = _matmul_operands(user)
-    if ops is not None:
-        return ops[0] is probs and ops[1] is not probs
-    if gu.is_function(user, *gu.EINSUMS):
-        _, operands = _einsum_parts(user)
-        return len(operands) == 2 and probs in operands
-    return False
-
-
-def _feeds(user: fx.Node, chain: set) -> bool:
-    """An in-place op whose result continues the walked score chain (`s += mask`)."""
-    return user in chain
-
-
-def _node_of(ref: Any) -> Any:
-    return ref[1] if isinstance(ref, tuple) else ref
-
-
-def _describe(node: fx.Node) -> str:
-    target = node.target if node.op == "call_method" else getattr(node.target, "__name__",
-                                                                  node.target)
-    return f"{node.op} {target!s}"
-
-
-def _unwrap_gqa(k: Any, v: Any) -> tuple[Any, Any, int]:
-    """Fold Llama-style `repeat_kv` (expand + reshape) or `repeat_interleave` on both k and v."""
-    kb, kg = _repeat_base(k)
-    vb, vg = _repeat_base(v)
-    if kg > 1 and kg == vg:
-        return kb, vb, kg
-    return k, v, 1
-
-
-def _repeat_base(node: Any) -> tuple[Any, int]:
-    val = gu.value_of(node)
-    if not isinstance(val, torch.Tensor) or val.dim() != 4:
-        return node, 1
-    if gu.is_method(node, "repeat_interleave") and len(node.args) >= 2:
-        reps, dim = node.args[1], gu.arg(node, 2, "dim")
-        if isinstance(reps, int) and dim in (1, -3):
-            return node.args[0], reps
-        return node, 1
-    if not (gu.is_method(node, "reshape", "view") or gu.is_function(node, torch.reshape)):
-        return node, 1
-    expand = node.args[0]
-    if not gu.is_method(expand, "expand"):
-        return node, 1
-    unsq = expand.args[0]
-    ev = gu.value_of(expand)
-    if gu.is_method(unsq, "unsqueeze") and unsq.args[1] in (2, -3):
-        base = unsq.args[0]
-    elif gu.is_function(unsq, operator.getitem) and _is_none_at_2(unsq.args[1]):
-        base = unsq.args[0]
-    else:
-        return node, 1
-    bv = gu.value_of(base)
-    if not isinstance(bv, torch.Tensor) or bv.dim() != 4 or ev.dim() != 5:
-        return node, 1
-    groups = ev.shape[2]
-    if not isinstance(groups, int) or list(ev.shape[:2]) != list(bv.shape[:2]):
-        return node, 1
-    return base, groups
-
-
-def _is_none_at_2(index: Any) -> bool:
-    if not isinstance(index, tuple) or len(index) < 3:
-        return False
-    full = slice(None, None, None)
-    return index[0] == full and index[1] == full and index[2] is None
 
 
 # --------------------------------------------------------------------------- the pass
@@ -563,7 +335,7 @@ def canonicalize_attention(gm: fx.GraphModule, concrete: dict[fx.Node, Any] | No
         if gu.is_function(node, gu.SDPA):
             sites.append(_canonicalize_sdpa(canon, node, graph_index))
             continue
-        parsed = _softmax_dim(node)
+        parsed = rd.softmax_dim(node)
         if parsed is None:
             continue
         site = _canonicalize_softmax(canon, node, parsed, graph_index)
@@ -591,7 +363,7 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
         canon.read_qk(producer, match)
         canon.read_v(pv, chain[-1], match)
     except Unsupported as exc:
-        if not _has_score_ancestor(scores):
+        if not rd.has_score_ancestor(scores):
             return None  # e.g. softmax(linear(x)).mT @ x: pooling, not q·kᵀ attention
         return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
     if nd < 3:
@@ -603,7 +375,7 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
         site.probs_used_by = tuple(others)
         site.mark(UNSUPPORTED, "attention probabilities are also used by "
                   f"{', '.join(others)}; no rewrite yields them, left as written")
-        _fill_shapes(site, *(_node_of(r) for r in (match.q, match.k, match.v)))
+        _fill_shapes(site, *(rd.node_of(r) for r in (match.q, match.k, match.v)))
         return site
     node, out = canon.emit(match, pv, like=sm)
     pv.replace_all_uses_with(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,11 +91,6 @@ def inplace_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if is_inplace(u) and u.args and u.args[0] is node]
 
 
-def users_except(node: fx.Node, allowed: Iterable[fx.Node]) -> list[fx.Node]:
-    allowed = set(allowed)
-    return [u for u in node.users if u not in allowed]
-
-
 MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.special.softmax)
 SDPA = torch._C._nn.scaled_dot_product_attention
@@ -163,10 +158,6 @@ class GraphEditor:
             self.infer(new)
             env[n] = new
         raise AssertionError("graph without output")
-
-
-def replace_uses(old: fx.Node, new: fx.Node) -> None:
-    old.replace_all_uses_with(new)
 
 
 def symbolic_hint(x: Any) -> Any:
