@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+
 from clusterfx.models import MODEL_FACTORIES, example_inputs, gpt_tiny
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models"
