@@ -138,3 +138,26 @@ def test_dropout_and_learned_bias_are_declined():
     gm = cfx.transform(Biased(), qkv, policy=cfx.Clustered(clusters=3))
     assert "requires grad" in gm.meta["clusterfx_report"][0].reason
     assert count_targets(gm, COND) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("config", [cfx.ImprovedClustered(clusters=4, topk=48, seed=0),
+                                    cfx.Clustered(clusters=48, seed=0), cfx.TopK(k=48)],
+                         ids=["improved", "clustered", "topk"])
+def test_low_precision_degenerate_settings_within_the_dtype_error(dtype, config):
+    """Against the float64 oracle, the compiled model errs no more than eager does in dtype."""
+    torch.manual_seed(0)
+    model = bert_tiny(depth=2, dropout=0.0).eval()
+    ids, mask = example_inputs("bert", model=model, seq_len=48)
+    keep = mask.bool()
+    with torch.no_grad():
+        oracle = model.double()(ids, mask)[keep]
+        model = model.to(dtype)
+        eager = model(ids, mask)[keep].double()
+        compiled = cfx.compile(model, policy=config, backend="inductor")
+        got = compiled(ids, mask)[keep].double()
+    assert all(r.status == "rewritten" for r in cfx.explain(compiled))
+    err_eager = float((eager - oracle).abs().max())
+    err_got = float((got - oracle).abs().max())
+    eps = torch.finfo(dtype).eps * float(oracle.abs().max())
+    assert err_got <= 2 * err_eager + eps, (err_got, err_eager)
