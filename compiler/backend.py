@@ -3,6 +3,7 @@ the chosen compiler (Inductor by default, or aot_eager / eager / any registered 
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .pipeline import GraphRecord, run_pipeline
 from .policy import Policy
@@ -79,10 +81,33 @@ class ClusterfxBackend:
                               stop_after=self.state.stop_after)
         with self.state.lock:
             self.state.records.append(record)
-        return _downstream(self.state.backend, gm, example_inputs, mode, options)
+        return _downstream(self.state.backend, gm, example_inputs, mode, options,
+                           self.state.policy.cache_key())
 
 
-def _downstream(name: str, gm, example_inputs, mode, options):
+@functools.cache
+def _source_files() -> tuple[str, ...]:
+    root = Path(__file__).resolve().parent.parent
+    return tuple(sorted(str(p) for p in root.rglob("*.py")
+                        if ".venv" not in p.parts and "tests" not in p.parts))
+
+
+class CacheStamp(CustomGraphPass):
+    """A no-op post-grad pass whose uuid puts clusterfx's own sources (op kernels, fake
+    kernels, passes) and the policy into Inductor's FX-graph cache key: Inductor does not hash
+    custom ops' Python code, so without it an edited op could reuse stale compiled code."""
+
+    def __init__(self, policy_key: str):
+        self.policy_key = policy_key
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(_source_files(), extra=self.policy_key)
+
+
+def _downstream(name: str, gm, example_inputs, mode, options, policy_key: str = ""):
     if name == "eager":
         return gm.forward
     if name == "inductor":
@@ -91,6 +116,8 @@ def _downstream(name: str, gm, example_inputs, mode, options):
         patches = dict(options or {})
         if mode:
             patches = {**torch._inductor.list_mode_options(mode), **patches}
+        if torch._inductor.config.post_grad_custom_post_pass is None:
+            patches.setdefault("post_grad_custom_post_pass", CacheStamp(policy_key))
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     return torch._dynamo.lookup_backend(name)(gm, example_inputs)
 

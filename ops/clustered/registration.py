@@ -72,7 +72,7 @@ def clustered_attention_from_assignments_op(
     checks.check_assignments_values(assignments, clusters)
     mod = _BACKENDS[_backend("clustered_attention_from_assignments", impl, q)]
     return mod.clustered_attention_from_assignments(q, k, v, assignments, clusters,
-                                                    key_padding_mask, scale)
+                                                    key_padding_mask, scale).contiguous()
 
 
 @clustered_attention_from_assignments_op.register_fake
@@ -93,8 +93,10 @@ def improved_clustered_attention_from_assignments_op(
     checks.check_topk(topk)
     checks.check_assignments_values(assignments, clusters)
     mod = _BACKENDS[_backend("improved_clustered_attention_from_assignments", impl, q)]
-    return mod.improved_clustered_attention_from_assignments(q, k, v, assignments, clusters,
-                                                             key_padding_mask, scale, topk)
+    out, idx = mod.improved_clustered_attention_from_assignments(q, k, v, assignments,
+                                                                 clusters, key_padding_mask,
+                                                                 scale, topk)
+    return out.contiguous(), idx.contiguous()  # the fake kernel's layout
 
 
 @improved_clustered_attention_from_assignments_op.register_fake
@@ -121,7 +123,7 @@ def clustered_attention_op(
                                      clustering=clustering, impl=backend)
     out = _BACKENDS[backend].clustered_attention_from_assignments(
         q, k, v, assignments, clusters, key_padding_mask, scale)
-    return out, assignments
+    return out.contiguous(), assignments.contiguous()
 
 
 @clustered_attention_op.register_fake
@@ -144,7 +146,7 @@ def improved_clustered_attention_op(
                                      clustering=clustering, impl=backend)
     out, idx = _BACKENDS[backend].improved_clustered_attention_from_assignments(
         q, k, v, assignments, clusters, key_padding_mask, scale, topk)
-    return out, assignments, idx
+    return out.contiguous(), assignments.contiguous(), idx.contiguous()
 
 
 @improved_clustered_attention_op.register_fake

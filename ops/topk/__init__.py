@@ -83,12 +83,14 @@ def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: 
     args = dict(topk=topk, attn_mask=_rank4(attn_mask), is_causal=is_causal,
                 scale=_scale(q, scale))
     if name == "reference":
-        return topk_attention_reference(q, k, v, **args)
-    if name == "cpu":
-        return topk_attention_cpu(q, k, v, chunk_size=chunk_size, **args)
-    from .triton import topk_attention_triton
+        out = topk_attention_reference(q, k, v, **args)
+    elif name == "cpu":
+        out = topk_attention_cpu(q, k, v, chunk_size=chunk_size, **args)
+    else:
+        from .triton import topk_attention_triton
 
-    return topk_attention_triton(q, k, v, chunk_size=chunk_size, **args)
+        out = topk_attention_triton(q, k, v, chunk_size=chunk_size, **args)
+    return out.contiguous()  # the fake kernel's layout
 
 
 @_topk_attention_op.register_fake
@@ -109,14 +111,19 @@ def _topk_attention_backward_op(
         grad, q, k, v, _rank4(attn_mask), topk=topk, is_causal=is_causal, scale=scale,
         chunk_size=chunk_size, mask_grad=mask_grad)
     dmask = q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape)
-    return dq, dk, dv, dmask
+    # contiguous, as the fake kernel promises whatever the inputs' layouts
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
 
 @_topk_attention_backward_op.register_fake
 def _topk_attention_backward_fake(grad, q, k, v, attn_mask, topk, is_causal, scale, chunk_size,
                                   mask_grad):
-    dmask = torch.empty_like(attn_mask) if mask_grad and attn_mask is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    contiguous = torch.contiguous_format
+    dmask = (torch.empty_like(attn_mask, memory_format=contiguous)
+             if mask_grad and attn_mask is not None else q.new_empty(0))
+    return (torch.empty_like(q, memory_format=contiguous),
+            torch.empty_like(k, memory_format=contiguous),
+            torch.empty_like(v, memory_format=contiguous), dmask)
 
 
 def _setup_context(ctx, inputs, output):
