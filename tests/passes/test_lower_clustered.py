@@ -43,11 +43,11 @@ def _inputs(n=24, pad=5):
     cfx.Clustered(clusters=24, seed=0),                      # one query per cluster
     cfx.ImprovedClustered(clusters=3, topk=24, seed=0),      # top-k covers every key
 ], ids=["clustered-C=N", "improved-topk=N"])
-def test_degenerate_settings_equal_dense(config):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_degenerate_settings_equal_dense(config, backend):
     model = PaddedAttention()
     x, keep = _inputs()
-    report = compile_and_compare(model, (x, keep), policy=config, rtol=1e-10,
-                                 backend="aot_eager")
+    report = compile_and_compare(model, (x, keep), policy=config, rtol=1e-10, backend=backend)
     assert [(r.rewrite, r.status) for r in report] == [(config.name, "rewritten")]
     assert report[0].paths == {"approximate": 1}  # one compiled forward
     gm = cfx.transform(model, (x, keep), policy=config)

@@ -72,3 +72,11 @@ def test_topk_on_three_d_bmm_attention():
     qkv = tuple(torch.randn(B * H, N, D, dtype=DT, generator=g) for _ in range(3))
     report = compile_and_compare(M(), qkv, policy=cfx.TopK(k=N), rtol=1e-10)
     assert report[0].status == "rewritten"
+
+
+def test_topk_training_under_inductor_with_permuted_layouts():
+    """q/k/v are permuted views (B, H, N, D) of (B, N, H, D): Inductor checks each op's output
+    layout against its fake kernel, forward and backward."""
+    report = compile_and_compare(Causal(), (_x(),), policy=cfx.TopK(k=N), rtol=1e-10,
+                                 backend="inductor")
+    assert report[0].status == "rewritten"
