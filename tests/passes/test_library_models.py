@@ -155,3 +155,39 @@ def test_policy_paths_on_hf_model():
     report = cfx.explain(compiled)
     assert [r.site.policy_key for r in report] == [None, "model.encoder.layer.1"]
     assert "None" in report[1].reason
+
+
+def test_hf_output_attentions_stays_as_written():
+    model, kwargs, _ = _hf("bert", "eager")
+    model.eval()
+    ids = kwargs["input_ids"]
+    compiled = cfx.compile(lambda x: model(input_ids=x, output_attentions=True), backend="eager")
+    got, want = compiled(ids), model(input_ids=ids, output_attentions=True)
+    torch.testing.assert_close(got.attentions[1], want.attentions[1], rtol=0, atol=0)
+    report = cfx.explain(compiled)
+    assert len(report) == 2
+    assert all(r.status == "unsupported" and "probabilities" in r.reason for r in report)
+
+
+def test_hf_encoder_decoder_cross_attention():
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                num_heads=4, dropout_rate=0.0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 100, (B, N), generator=torch.Generator().manual_seed(0))
+    dec = ids[:, :7]
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, dec):
+            return self.model(input_ids=ids, decoder_input_ids=dec, use_cache=False).logits
+
+    report = compile_and_compare(Seq2Seq(), (ids, dec), rtol=1e-5)
+    paths = {r.fqn: r.site for r in report}
+    cross = paths["model.decoder.block.0.layer.1.EncDecAttention"]
+    assert cross.q_shape[-2] == 7 and cross.k_shape[-2] == N  # Nq != Nk
+    assert set(paths) == {"model.encoder.block.0.layer.0.SelfAttention",
+                          "model.decoder.block.0.layer.0.SelfAttention",
+                          "model.decoder.block.0.layer.1.EncDecAttention"}
