@@ -45,6 +45,8 @@ class Clustered(AttentionConfig):
     attention row per centroid, broadcast back to the cluster's members.
 
     `min_length`: inputs with fewer keys than this run dense (the paper's `conditional-full`).
+    `refine`: Lloyd steps in query space after the clustering (0: the paper's method; each step
+    costs one N·C·D matmul and tightens the clusters, see the README's quality table).
     """
 
     name: ClassVar[str] = "clustered"
@@ -54,6 +56,7 @@ class Clustered(AttentionConfig):
     seed: int | None = None
     clustering: str = "hamming"
     min_length: int = 0
+    refine: int = 0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -71,6 +74,8 @@ class Clustered(AttentionConfig):
             self.min_length < 0
         ):
             raise ValueError(f"{owner}: min_length ({self.min_length!r}) must be an int >= 0")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise ValueError(f"{owner}: refine ({self.refine!r}) must be an int >= 0")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ Shapes: q (B, H, Nq, D), v (B, Hk, Nk, Dv); leading dims multiply into one batch
 - dense, materialised (a manual spelling): FLOPs 2·BH·Nq·Nk·(D + Dv), memory 2·BH·Nq·Nk scores
   and probabilities (bytes = elements · itemsize).
 - dense, fused SDPA: same FLOPs, memory BH·Nq·(Dv + 1) (output and log-sum-exp).
-- clustered (C clusters, I iterations, b bits): hashing 2·BH·Nq·D·b, K-means I·BH·Nq·C,
-  centroid attention 2·BH·C·Nk·(D + Dv); memory BH·C·Nk + BH·Nq·Dv.
+- clustered (C clusters, I iterations, b bits, R refine steps): hashing 2·BH·Nq·D·b, K-means
+  I·BH·Nq·C, refinement R·2·BH·Nq·C·D, centroid attention 2·BH·C·Nk·(D + Dv); memory
+  BH·C·Nk + BH·Nq·Dv.
 - improved clustered adds 2·BH·Nq·k·(D + Dv) FLOPs and BH·Nq·k memory.
 - top-k: 2·BH·Nq·Nk·D scores (chunked), 2·BH·Nq·k·Dv; memory BH·chunk·Nk + BH·Nq·k.
 """
@@ -67,7 +68,7 @@ def estimate(site, config: AttentionConfig | None, fused: bool) -> Cost:
     if isinstance(config, Clustered):
         c = sympy.Min(config.clusters, nq)
         flops = 2 * bh * nq * d * config.bits + config.iterations * bh * nq * c \
-            + 2 * bh * c * nk * (d + dv)
+            + 2 * bh * c * nk * (d + dv) + config.refine * 2 * bh * nq * c * d
         mem = bh * c * nk + bh * nq * dv
         if isinstance(config, ImprovedClustered):
             k = sympy.Min(config.topk, nk)

@@ -4,7 +4,7 @@ Before:
     o = torch.ops.clusterfx.attention(q, k, v, pad_mask, 0.0, False, 0.125, False)
 After:
     r = torch.ops.clusterfx.conditional_attention(q, k, v, pad_mask, 0.125, 'clustered', 100,
-                                                  1, 10, 63, -1, 'hamming', 0, 'auto', 'site3')
+                                                  1, 10, 63, -1, 'hamming', 0, 0, 'auto', 'site3')
     o = r[0]
 
 The op decides per call (no recompiles): exact attention below `min_length` keys or when the
@@ -61,7 +61,8 @@ def emit_clustered(editor: GraphEditor, node: fx.Node, site: Site, config: Clust
     result = editor.call(
         torch.ops.clusterfx.conditional_attention.default,
         (q, k, v, mask, scale, config.name, config.clusters, topk, config.iterations,
-         config.bits, seed, config.clustering, min_length, "auto", site_id), like=node)
+         config.bits, seed, config.clustering, config.refine, min_length, "auto", site_id),
+        like=node)
     return restore(editor.call(operator.getitem, (result, 0), like=node))
 
 

@@ -40,7 +40,8 @@ from clusterfx.ops.clustering.checks import (
     resolve_impl,
 )
 
-__all__ = ["cluster_queries", "counters", "euclidean_kmeans", "hamming_kmeans", "lsh_hash",
+__all__ = ["cluster_queries", "counters", "euclidean_kmeans", "hamming_kmeans", "lloyd_refine",
+           "lsh_hash",
            "make_planes", "popcount"]
 
 counters: Counter[str] = Counter()  # "<function>.<backend>" calls, "clusters_clamped" warnings
@@ -203,6 +204,31 @@ def euclidean_kmeans(x: torch.Tensor, clusters: int, iterations: int = 10, seed:
     mod = reference if backend == "reference" else cpu
     a, c = mod.euclidean_kmeans(xr, *plan, v)
     return a.view(*batch, N), c.view(*batch, clusters)
+
+
+def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int,
+                 steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`steps` Lloyd iterations in the queries' own (Euclidean) space, started from a given
+    clustering (e.g. Hamming K-means): centroid = mean of its members, each query to the
+    nearest centroid (ties to the lowest index); empty clusters stay empty. Costs one
+    N×C×D matmul a step. Plain torch, any device.
+
+    Shapes: x (..., N, D), assignments (..., N) int64 -> (assignments, counts (..., C)).
+    """
+    *batch, n, d = x.shape
+    xf = x.reshape(-1, n, d).float()
+    a = assignments.reshape(-1, n)
+    for _ in range(steps):
+        sums = xf.new_zeros(xf.shape[0], clusters, d).scatter_add_(
+            1, a[..., None].expand(-1, -1, d), xf)
+        counts = torch.zeros(xf.shape[0], clusters, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(1, a, torch.ones_like(a))
+        means = sums / counts.clamp_min(1)[..., None]
+        dist = (means * means).sum(-1)[:, None, :] - 2 * xf @ means.transpose(1, 2)
+        a = dist.masked_fill((counts == 0)[:, None, :], float("inf")).argmin(-1)
+    counts = torch.zeros(a.shape[0], clusters, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(1, a, torch.ones_like(a))
+    return a.view(*batch, n), counts.view(*batch, clusters)
 
 
 def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bits: int = 63,

@@ -1,14 +1,15 @@
 """`clusterfx::conditional_attention`: a rewritten attention site, deciding its path per call.
 
     out, assignments, path = conditional_attention(q, k, v, attn_mask, scale, method, clusters,
-        topk, iterations, bits, seed, clustering, min_length, impl, site)
+        topk, iterations, bits, seed, clustering, refine, min_length, impl, site)
 
 Per call, on the concrete inputs (so no recompile at any new length):
 - `Nk < min_length` (the `conditional-full` composition of the paper's library, and `Auto`'s
   crossover from the cost model) → exact attention (path 1);
 - an `attn_mask` that is not a key-padding mask (it varies over queries or heads, or an additive
   mask holds values other than 0 and <= -1e4) → exact attention (path 2);
-- otherwise `method` ("clustered" | "improved_clustered") with the mask as key padding (path 0).
+- otherwise `method` ("clustered" | "improved_clustered") with the mask as key padding (path 0);
+  `refine` > 0 adds that many Lloyd steps in query space after the clustering.
 The path taken is counted per site in `site_paths[site]`, which the report prints.
 
 Gradients: the discrete choices (path, cluster assignments, top-k) are held fixed; the backward
@@ -31,6 +32,7 @@ from torch import Tensor
 from .. import clustered as _clustered  # noqa: F401 - registers the clustered ops
 from ..attention import dense_attention
 from ..clustered import cpu as clustered_cpu  # the differentiable torch code (any device)
+from ..clustering import cluster_queries, lloyd_refine
 
 PATHS = ("approximate", "exact: shorter than min_length", "exact: mask is not key padding")
 METHODS = ("clustered", "improved_clustered")
@@ -60,7 +62,7 @@ def _dense(q, k, v, mask, scale):
 def conditional_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, method: str,
     clusters: int, topk: int, iterations: int, bits: int, seed: int, clustering: str,
-    min_length: int, impl: str, site: str,
+    refine: int, min_length: int, impl: str, site: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if method not in METHODS:
         raise ValueError(f"method ({method!r}) must be one of {METHODS}")
@@ -73,6 +75,16 @@ def conditional_attention(
     site_paths[site][PATHS[path]] += 1
     if path:
         out = _dense(q, k, v, attn_mask, scale)
+    elif refine:
+        assignments, _ = cluster_queries(q, clusters, iterations=iterations, bits=bits,
+                                         seed=seed, clustering=clustering, impl=impl)
+        assignments, _ = lloyd_refine(q, assignments, clusters, refine)
+        if method == "clustered":
+            out = torch.ops.clusterfx.clustered_attention_from_assignments(
+                q, k, v, assignments, keep, clusters, scale, impl)
+        else:
+            out = torch.ops.clusterfx.improved_clustered_attention_from_assignments(
+                q, k, v, assignments, keep, clusters, topk, scale, impl)[0]
     elif method == "clustered":
         out, assignments = torch.ops.clusterfx.clustered_attention(
             q, k, v, keep, clusters, scale, iterations, bits, seed, clustering, impl)
@@ -85,7 +97,7 @@ def conditional_attention(
 
 @conditional_attention.register_fake
 def _(q, k, v, attn_mask, scale, method, clusters, topk, iterations, bits, seed, clustering,
-      min_length, impl, site):
+      refine, min_length, impl, site):
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     return out, q.new_empty(q.shape[:3], dtype=torch.int64), q.new_empty((), dtype=torch.int64)
 
@@ -129,7 +141,7 @@ def _backward(ctx, grad, _grad_assignments, _grad_path):
     q, k, v, mask, assignments, path = ctx.saved_tensors
     dq, dk, dv = torch.ops.clusterfx.conditional_attention_backward(
         grad, q, k, v, mask, assignments, path, *ctx.args)
-    return (dq, dk, dv) + (None,) * 12
+    return (dq, dk, dv) + (None,) * 13
 
 
 conditional_attention.register_autograd(_backward, setup_context=_setup)

@@ -230,3 +230,41 @@ def test_explicit_triton_on_cpu_refuses_instead_of_falling_back(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="impl='triton' needs CUDA tensors or TRITON_INTERPRET"):
         cl.cluster_queries(torch.randn(8, 4), 2, impl="triton")
+
+
+def _inertia(x, a, clusters):
+    means = torch.stack([x[a == c].mean(0) if (a == c).any() else torch.zeros(x.shape[-1],
+                         dtype=x.dtype) for c in range(clusters)])
+    return float(((x - means[a]) ** 2).sum())
+
+
+def test_lloyd_refine_never_increases_inertia_and_keeps_range():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 60, 8, generator=g)
+    start = torch.randint(0, 7, (2, 3, 60), generator=g)
+    refined, counts = cl.lloyd_refine(x, start, 7, 3)
+    assert refined.shape == start.shape and counts.shape == (2, 3, 7)
+    assert int(refined.min()) >= 0 and int(refined.max()) < 7
+    assert torch.equal(counts.sum(-1), torch.full((2, 3), 60))
+    for b in range(2):
+        for h in range(3):
+            before = _inertia(x[b, h], start[b, h], 7)
+            after = _inertia(x[b, h], refined[b, h], 7)
+            assert after <= before + 1e-4, (b, h, before, after)
+    same, _ = cl.lloyd_refine(x, start, 7, 0)
+    assert torch.equal(same, start)
+
+
+def test_lloyd_refine_recovers_separated_blobs_from_a_bad_start():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]])
+    truth = torch.arange(3).repeat_interleave(20)
+    x = centres[truth] + 0.1 * torch.randn(60, 2, generator=g)
+    start = (truth + 1) % 3  # every point starts in a wrong cluster, clusters still distinct
+    start[::7] = truth[::7]  # a few right ones so that the means differ
+    refined, _ = cl.lloyd_refine(x[None], start[None], 3, 5)
+    # the same partition up to relabelling
+    labels = refined[0]
+    for c in range(3):
+        assert labels[truth == c].unique().numel() == 1
+    assert labels.unique().numel() == 3

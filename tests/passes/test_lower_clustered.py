@@ -41,8 +41,10 @@ def _inputs(n=24, pad=5):
 
 @pytest.mark.parametrize("config", [
     cfx.Clustered(clusters=24, seed=0),                      # one query per cluster
+    cfx.Clustered(clusters=24, seed=0, refine=2),            # refinement keeps singletons
     cfx.ImprovedClustered(clusters=3, topk=24, seed=0),      # top-k covers every key
-], ids=["clustered-C=N", "improved-topk=N"])
+    cfx.ImprovedClustered(clusters=3, topk=24, seed=0, refine=1),
+], ids=["clustered-C=N", "clustered-C=N-refine", "improved-topk=N", "improved-refine"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_degenerate_settings_equal_dense(config, backend):
     model = PaddedAttention()
