@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", type=int, default=25, help="clusters of (i-)clustered")
     p.add_argument("--topk", type=int, default=32, help="k of i-clustered and of top-k")
     p.add_argument("--seed", type=int, default=0, help="clustering seed")
+    p.add_argument("--refine", type=int, default=0,
+                   help="Lloyd steps in query space after the clustering (default 0: the paper)")
     p.add_argument("--clustering", choices=("hamming", "kmeans"), default="hamming",
                    help="query clustering of (i-)clustered: LSH + Hamming k-means (the "
                         "paper's, default) or Euclidean k-means")
@@ -122,12 +124,13 @@ def load_model(attn_implementation: str = "sdpa") -> tuple[Any, Encoder, Path]:
 
 
 def make_configs(names: Sequence[str], clusters: int, topk: int, seed: int,
-                 clustering: str = "hamming") -> dict[str, AttentionConfig]:
+                 clustering: str = "hamming", refine: int = 0) -> dict[str, AttentionConfig]:
     makers: dict[str, Callable[[], AttentionConfig]] = {
         "dense": Dense,
         "improved_clustered": lambda: ImprovedClustered(clusters=clusters, topk=topk, seed=seed,
-                                                        clustering=clustering),
-        "clustered": lambda: Clustered(clusters=clusters, seed=seed, clustering=clustering),
+                                                        clustering=clustering, refine=refine),
+        "clustered": lambda: Clustered(clusters=clusters, seed=seed, clustering=clustering,
+                                       refine=refine),
         "topk": lambda: TopK(k=topk),
     }
     try:
@@ -267,7 +270,8 @@ def compile_and_encode(encoder: Encoder, policy: Any, backend: str, token_ids: l
 
 
 def measure(*, configs: Sequence[str] = CONFIG_NAMES, clusters: int = 25, topk: int = 32,
-            seed: int = 0, clustering: str = "hamming", max_passages: int | None = None,
+            seed: int = 0, clustering: str = "hamming", refine: int = 0,
+            max_passages: int | None = None,
             max_tokens: int = 512, batch_size: int = 8, backend: str = "inductor",
             attn_implementation: str = "sdpa",
             per_layer: bool = False, log: Callable[[str], None] | None = None,
@@ -281,7 +285,7 @@ def measure(*, configs: Sequence[str] = CONFIG_NAMES, clusters: int = 25, topk: 
         raise CliError(f"backend ({backend!r}) must be one of {BACKENDS}")
     log = log or (lambda line: None)
     progress = progress or Progress()
-    cfgs = make_configs(configs, clusters, topk, seed, clustering)
+    cfgs = make_configs(configs, clusters, topk, seed, clustering, refine)
     with progress.step(f"loading {MODEL_NAME} (offline)"):
         tokenizer, encoder, path = load_model(attn_implementation)
     bert_cfg = encoder.model.config
@@ -304,7 +308,8 @@ def measure(*, configs: Sequence[str] = CONFIG_NAMES, clusters: int = 25, topk: 
         "head_dim": bert_cfg.hidden_size // bert_cfg.num_attention_heads,
         "attn_implementation": attn_implementation, "dtype": dtype, "device": "cpu",
         "threads": torch.get_num_threads(), "backend": backend, "clusters": clusters,
-        "topk": topk, "seed": seed, "clustering": clustering, "max_tokens": max_tokens,
+        "topk": topk, "seed": seed, "clustering": clustering, "refine": refine,
+        "max_tokens": max_tokens,
         "batch_size": batch_size,
         "torch": torch.__version__, "transformers": _version("transformers"),
     }
@@ -453,7 +458,8 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--threads ({args.threads}) must be >= 1")
         torch.set_num_threads(args.threads)
     results = measure(configs=args.configs, clusters=args.clusters, topk=args.topk,
-                      seed=args.seed, clustering=args.clustering, max_passages=args.max_passages,
+                      seed=args.seed, clustering=args.clustering, refine=args.refine,
+                      max_passages=args.max_passages,
                       max_tokens=args.max_tokens, batch_size=args.batch_size,
                       backend=args.backend, attn_implementation=args.attn_implementation,
                       per_layer=args.per_layer, log=lambda line: print(line, flush=True))
