@@ -217,17 +217,20 @@ def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int,
     """
     *batch, n, d = x.shape
     xf = x.reshape(-1, n, d).float()
-    a = assignments.reshape(-1, n)
+    rows = xf.shape[0]
+    a = assignments.reshape(rows, n)
+    offsets = torch.arange(rows, device=x.device)[:, None] * clusters  # (R, 1)
+    flat_x = xf.reshape(rows * n, d)
     for _ in range(steps):
-        sums = xf.new_zeros(xf.shape[0], clusters, d).scatter_add_(
-            1, a[..., None].expand(-1, -1, d), xf)
-        counts = torch.zeros(xf.shape[0], clusters, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(1, a, torch.ones_like(a))
-        means = sums / counts.clamp_min(1)[..., None]
-        dist = (means * means).sum(-1)[:, None, :] - 2 * xf @ means.transpose(1, 2)
-        a = dist.masked_fill((counts == 0)[:, None, :], float("inf")).argmin(-1)
-    counts = torch.zeros(a.shape[0], clusters, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(1, a, torch.ones_like(a))
+        slots = (a + offsets).reshape(-1)  # (R*N,) row-major cluster slots
+        sums = xf.new_zeros(rows * clusters, d).index_add_(0, slots, flat_x)
+        counts = torch.bincount(slots, minlength=rows * clusters).view(rows, clusters)
+        means = (sums.view(rows, clusters, d) / counts.clamp_min(1)[..., None])
+        # |x - m|² up to the per-query |x|², which does not change the argmin
+        dist = torch.baddbmm((means * means).sum(-1)[:, None, :], xf, means.transpose(1, 2),
+                             alpha=-2.0)
+        a = dist.masked_fill_((counts == 0)[:, None, :], float("inf")).argmin(-1)
+    counts = torch.bincount((a + offsets).reshape(-1), minlength=rows * clusters)
     return a.view(*batch, n), counts.view(*batch, clusters)
 
 
