@@ -118,8 +118,7 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
         torch.compile(model, backend=_Keep(state), fullgraph=True,
                       **torch_compile_kwargs)(*inputs)
     gm = captured[-1]
-    gm.meta["clusterfx_report"] = _report(state)
-    _check_strict(state)
+    gm.meta["clusterfx_report"] = _checked(state)
     return gm
 
 
@@ -141,13 +140,13 @@ def _report(state: CompileState) -> Report:
                   policy=state.policy.to_dict())
 
 
-def _check_strict(state: CompileState) -> None:
-    if not state.policy.strict:
-        return
+def _checked(state: CompileState) -> Report:
+    """The report; under a strict policy, an error if a key matched no site."""
     report = _report(state)
-    if report.unmatched_keys:
+    if state.policy.strict and report.unmatched_keys:
         raise ValueError(f"policy keys matched no attention site: {report.unmatched_keys}; "
                          f"sites are {[r.fqn for r in report.rows]}")
+    return report
 
 
 def explain(compiled: Any = None, *inputs: Any, **kwargs: Any) -> Report:
@@ -166,5 +165,4 @@ def explain(compiled: Any = None, *inputs: Any, **kwargs: Any) -> Report:
         compiled(*inputs, **kwargs)
     if not state.records:
         raise ValueError("the model has not run yet: call it once, or pass inputs to explain()")
-    _check_strict(state)
-    return _report(state)
+    return _checked(state)

@@ -58,7 +58,7 @@ class Match:
     masks: list[MaskTerm] = field(default_factory=list)
     dropout_p: float = 0.0
     is_causal: bool = False
-    gqa_groups: int = 1
+    enable_gqa: bool = False  # SDPA's own flag; repeat_kv spellings are found in emit()
     out_perm: tuple | None = None
     chain: set = field(default_factory=set)  # score nodes walked so far (softmax side)
 
@@ -294,7 +294,7 @@ class Canonicalizer:
             k = self.materialise(match.k, like)
             v = self.materialise(match.v, like)
             k, v, groups = rd.unwrap_gqa(k, v)
-            match.gqa_groups = max(groups, match.gqa_groups)
+            match.enable_gqa = match.enable_gqa or groups > 1
             scale, q = self.scale_value(match.factors, like, q)
             mask, causal = self.combine_masks(match.masks, like)
             if extra_mask is not None:
@@ -302,7 +302,7 @@ class Canonicalizer:
             match.is_causal = match.is_causal or causal
             node = self.editor.call(
                 canonical_attention,
-                (q, k, v, mask, match.dropout_p, match.is_causal, scale, match.gqa_groups > 1),
+                (q, k, v, mask, match.dropout_p, match.is_causal, scale, match.enable_gqa),
                 like=like)
             out = node
             if match.out_perm is not None:
@@ -396,7 +396,7 @@ def _canonicalize_sdpa(canon: Canonicalizer, node: fx.Node, graph_index: int) ->
         site.mark(UNSUPPORTED, "non-constant is_causal or dropout_p")
         return site
     match = Match("sdpa", q, k, v, dropout_p=float(dropout_p), is_causal=is_causal,
-                  gqa_groups=2 if gqa else 1)
+                  enable_gqa=bool(gqa))
     if scale is None:
         head_dim = gu.value_of(q).shape[-1]
         scale = 1.0 / math.sqrt(head_dim) if isinstance(head_dim, int) else None
@@ -423,7 +423,7 @@ def _finish(site: Site, node: fx.Node) -> None:
     site.dropout_p = dropout_p
     if gqa:
         hq, hk = gu.value_of(q).shape[-3], gu.value_of(k).shape[-3]
-        site.gqa_groups = hq // hk if isinstance(hq, int) and isinstance(hk, int) else 2
+        site.gqa_groups = int(gu.symbolic_hint(hq // hk))
     site.node_name = node.name
     node.meta[SITE_META] = site
 

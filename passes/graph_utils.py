@@ -95,7 +95,6 @@ MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.special.softmax)
 SDPA = torch._C._nn.scaled_dot_product_attention
 EINSUMS = (torch.einsum, torch.functional.einsum)
-DROPOUTS = (torch.nn.functional.dropout, torch.dropout, torch.nn.functional.dropout1d)
 CAST_METHODS = ("float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous",
                 "clone")
 MUL_FUNCS = (operator.mul, torch.mul)

@@ -64,13 +64,6 @@ class Site:
     node_name: str = ""
     extra: dict = field(default_factory=dict)
 
-    @property
-    def key_padding(self) -> bool:
-        """A mask that only depends on (batch, key): shape (B, 1, 1, Nk) or (B, Nk)-broadcast."""
-        shape = self.mask_shape
-        return self.mask != "none" and len(shape) >= 2 and all(d == 1 for d in shape[-2:-1]) and (
-            len(shape) < 3 or shape[-3] == 1)
-
     def mark(self, status: str, reason: str = "", rewrite: str | None = None) -> None:
         self.status = status
         self.reason = reason
