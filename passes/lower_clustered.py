@@ -61,7 +61,8 @@ def emit_clustered(editor: GraphEditor, node: fx.Node, site: Site, config: Clust
     result = editor.call(
         torch.ops.clusterfx.conditional_attention.default,
         (q, k, v, mask, scale, config.name, config.clusters, topk, config.iterations,
-         config.bits, seed, config.clustering, config.refine, min_length, "auto", site_id),
+         config.bits, seed, config.clustering, config.refine, config.metric, min_length, "auto",
+         site_id),
         like=node)
     return restore(editor.call(operator.getitem, (result, 0), like=node))
 

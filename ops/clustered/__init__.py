@@ -42,28 +42,34 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, clusters: int,
                         key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
-                        iterations: int = 10, bits: int = 63, seed: int = -1,
-                        clustering: str = "hamming", impl: str = "auto") -> torch.Tensor:
+                        iterations: int = 5, bits: int = 63, seed: int = -1,
+                        clustering: str = "hamming", refine: int = 1,
+                        metric: str = "attention", impl: str = "auto") -> torch.Tensor:
     """Clustered attention: cluster the queries, attend once per centroid, broadcast back.
 
     ``clusters`` larger than Nq is clamped (with a warning). ``seed`` seeds the hyperplanes and
     k-means (``-1``: torch's global RNG). ``clustering``: "hamming" (LSH with ``bits`` bits, then
-    ``iterations`` of Hamming k-means; the paper's method) or "kmeans" (Euclidean).
+    ``iterations`` of Hamming k-means; the paper's method) or "kmeans" (Euclidean). ``metric``:
+    the geometry of the clustering — "attention" (the keys' covariance, see
+    ``clustering.attention_metric``) or "euclidean" (the raw queries, as the paper). ``refine``:
+    Lloyd steps in that geometry after the clustering.
 
     Shapes: see the module docstring → (B, H, Nq, Dv).
     """
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
+                                 impl)
     return torch.ops.clusterfx.clustered_attention(
         q, k, v, key_padding_mask, clusters, _scale(q, scale), iterations, bits, seed,
-        clustering, impl)[0]
+        clustering, refine, metric, impl)[0]
 
 
 def improved_clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                  clusters: int, topk: int = 32,
                                  key_padding_mask: torch.Tensor | None = None,
-                                 scale: float | None = None, iterations: int = 10,
+                                 scale: float | None = None, iterations: int = 5,
                                  bits: int = 63, seed: int = -1, clustering: str = "hamming",
+                                 refine: int = 1, metric: str = "attention",
                                  impl: str = "auto") -> torch.Tensor:
     """i-clustered attention: clustered attention plus exact attention to each cluster's top-k
     keys (``topk`` is clamped to Nk). Other arguments as ``clustered_attention``.
@@ -71,11 +77,12 @@ def improved_clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Shapes: see the module docstring → (B, H, Nq, Dv).
     """
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
+                                 impl)
     checks.check_topk(topk)
     return torch.ops.clusterfx.improved_clustered_attention(
         q, k, v, key_padding_mask, clusters, topk, _scale(q, scale), iterations, bits, seed,
-        clustering, impl)[0]
+        clustering, refine, metric, impl)[0]
 
 
 def clustered_attention_from_assignments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

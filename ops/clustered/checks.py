@@ -17,6 +17,7 @@ from clusterfx.ops.clustering.checks import (
 )
 
 CLUSTERINGS = ("hamming", "kmeans")
+METRICS = ("attention", "euclidean")
 
 
 def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
@@ -47,13 +48,18 @@ def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
         raise ValueError(f"scale ({scale!r}) must be a finite number or None (= D**-0.5)")
 
 
-def check_clustering_args(clusters, iterations, bits, seed, clustering, impl) -> None:
+def check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
+                          impl) -> None:
     check_positive_int("clusters", clusters)
     check_positive_int("iterations", iterations)
     check_bits(bits)
     check_seed(seed)
     if clustering not in CLUSTERINGS:
         raise ValueError(f"clustering ({clustering!r}) must be one of {CLUSTERINGS}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine ({refine!r}) must be an int >= 0")
+    if metric not in METRICS:
+        raise ValueError(f"metric ({metric!r}) must be one of {METRICS}")
     check_impl(impl)
 
 

@@ -2,10 +2,10 @@
 
 Four custom ops, each with a fake (meta) kernel and an autograd formula::
 
-    clustered_attention(q, k, v, mask, C, scale, iterations, bits, seed, clustering, impl)
-        -> (out, assignments)
+    clustered_attention(q, k, v, mask, C, scale, iterations, bits, seed, clustering, refine,
+                        metric, impl) -> (out, assignments)
     improved_clustered_attention(q, k, v, mask, C, topk, scale, iterations, bits, seed,
-                                 clustering, impl) -> (out, assignments, idx)
+                                 clustering, refine, metric, impl) -> (out, assignments, idx)
     clustered_attention_from_assignments(q, k, v, assignments, mask, C, scale, impl) -> out
     improved_clustered_attention_from_assignments(q, k, v, assignments, mask, C, topk, scale,
                                                   impl) -> (out, idx)
@@ -16,6 +16,10 @@ explicit-assignment torch code (``reference`` for impl="reference", the vectoris
 otherwise; both run on any device) and calls ``torch.autograd.grad``. Gradients thus reach q
 through the centroid means (and, for i-clustered, the exact top-k scores), k and v through the
 centroid attention and the top-k attention; none flows through hashing, k-means or top-k.
+
+``metric``: "attention" clusters the queries under the covariance of the valid keys
+(``clustering.attention_metric``; queries that give the keys alike logits are close),
+"euclidean" on the raw queries (the paper's). ``refine`` Lloyd steps follow the clustering.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.clustered import checks, cpu, reference, triton_glue
-from clusterfx.ops.clustering import cluster_queries
+from clusterfx.ops.clustering import attention_metric, cluster_queries
 from clusterfx.ops.clustering.checks import resolve_impl
 
 counters: Counter[str] = Counter()  # "<op>.<backend>" forward calls
@@ -53,6 +57,22 @@ def _vjp(fn, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad_out: Tens
         wanted = [t for t, n in zip(leaves, needs, strict=True) if n]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
     return [next(grads) if n else None for n in needs]
+
+
+def _cluster(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, clusters: int,
+             iterations: int, bits: int, seed: int, clustering: str, refine: int, metric: str,
+             backend: str) -> Tensor:
+    """Cluster assignments (B, H, Nq) of the queries, in the geometry ``metric`` names."""
+    m = centre = None
+    if metric == "attention":
+        m = attention_metric(k, q.shape[1], key_padding_mask)
+        if key_padding_mask is not None and q.shape[2] == k.shape[2]:
+            # self-attention: padded positions' queries should not move the hash's centre
+            centre = key_padding_mask[:, None, :].expand(q.shape[:3])
+    assignments, _ = cluster_queries(q, clusters, iterations=iterations, bits=bits, seed=seed,
+                                     clustering=clustering, refine=refine, metric=m,
+                                     centre_mask=centre, impl=backend)
+    return assignments
 
 
 def _empty_out(q: Tensor, v: Tensor) -> Tensor:
@@ -114,36 +134,42 @@ def _(q, k, v, assignments, key_padding_mask, clusters, topk, scale, impl):
 @torch.library.custom_op("clusterfx::clustered_attention", mutates_args=())
 def clustered_attention_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, clusters: int,
-    scale: float, iterations: int, bits: int, seed: int, clustering: str, impl: str,
+    scale: float, iterations: int, bits: int, seed: int, clustering: str, refine: int,
+    metric: str, impl: str,
 ) -> tuple[Tensor, Tensor]:
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
+                                 impl)
     backend = _backend("clustered_attention", impl, q)
-    assignments, _ = cluster_queries(q, clusters, iterations=iterations, bits=bits, seed=seed,
-                                     clustering=clustering, impl=backend)
+    assignments = _cluster(q, k, key_padding_mask, clusters, iterations, bits, seed,
+                           clustering, refine, metric, backend)
     out = _BACKENDS[backend].clustered_attention_from_assignments(
         q, k, v, assignments, clusters, key_padding_mask, scale)
     return out.contiguous(), assignments.contiguous()
 
 
 @clustered_attention_op.register_fake
-def _(q, k, v, key_padding_mask, clusters, scale, iterations, bits, seed, clustering, impl):
+def _(q, k, v, key_padding_mask, clusters, scale, iterations, bits, seed, clustering, refine,
+      metric, impl):
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
+                                 impl)
     return _empty_out(q, v), q.new_empty(q.shape[:3], dtype=torch.int64)
 
 
 @torch.library.custom_op("clusterfx::improved_clustered_attention", mutates_args=())
 def improved_clustered_attention_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, clusters: int, topk: int,
-    scale: float, iterations: int, bits: int, seed: int, clustering: str, impl: str,
+    scale: float, iterations: int, bits: int, seed: int, clustering: str, refine: int,
+    metric: str, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
+                                 impl)
     checks.check_topk(topk)
     backend = _backend("improved_clustered_attention", impl, q)
-    assignments, _ = cluster_queries(q, clusters, iterations=iterations, bits=bits, seed=seed,
-                                     clustering=clustering, impl=backend)
+    assignments = _cluster(q, k, key_padding_mask, clusters, iterations, bits, seed,
+                           clustering, refine, metric, backend)
     out, idx = _BACKENDS[backend].improved_clustered_attention_from_assignments(
         q, k, v, assignments, clusters, key_padding_mask, scale, topk)
     return out.contiguous(), assignments.contiguous(), idx.contiguous()
@@ -151,9 +177,10 @@ def improved_clustered_attention_op(
 
 @improved_clustered_attention_op.register_fake
 def _(q, k, v, key_padding_mask, clusters, topk, scale, iterations, bits, seed, clustering,
-      impl):
+      refine, metric, impl):
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, impl)
+    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
+                                 impl)
     checks.check_topk(topk)
     idx = q.new_empty(*q.shape[:2], clusters, min(topk, k.shape[2]), dtype=torch.int64)
     return _empty_out(q, v), q.new_empty(q.shape[:3], dtype=torch.int64), idx
@@ -190,12 +217,12 @@ def _setup_improved_from_assignments(ctx, inputs, output):
 
 
 def _setup_op(ctx, inputs, output):
-    q, k, v, mask, clusters, scale, _iterations, _bits, _seed, _clustering, impl = inputs
+    q, k, v, mask, clusters, scale, *_clustering_args, impl = inputs
     _save(ctx, q, k, v, output[1], mask, clusters, scale, impl)
 
 
 def _setup_improved_op(ctx, inputs, output):
-    q, k, v, mask, clusters, _topk, scale, _iterations, _bits, _seed, _clustering, impl = inputs
+    q, k, v, mask, clusters, _topk, scale, *_clustering_args, impl = inputs
     _save(ctx, q, k, v, output[1], mask, clusters, scale, impl, idx=output[2])
 
 
@@ -210,5 +237,5 @@ clustered_attention_from_assignments_op.register_autograd(
     _backward(8), setup_context=_setup_from_assignments)
 improved_clustered_attention_from_assignments_op.register_autograd(
     _backward(9), setup_context=_setup_improved_from_assignments)
-clustered_attention_op.register_autograd(_backward(11), setup_context=_setup_op)
-improved_clustered_attention_op.register_autograd(_backward(12), setup_context=_setup_improved_op)
+clustered_attention_op.register_autograd(_backward(13), setup_context=_setup_op)
+improved_clustered_attention_op.register_autograd(_backward(14), setup_context=_setup_improved_op)

@@ -40,9 +40,8 @@ from clusterfx.ops.clustering.checks import (
     resolve_impl,
 )
 
-__all__ = ["cluster_queries", "counters", "euclidean_kmeans", "hamming_kmeans", "lloyd_refine",
-           "lsh_hash",
-           "make_planes", "popcount"]
+__all__ = ["attention_metric", "cluster_queries", "counters", "euclidean_kmeans",
+           "hamming_kmeans", "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount"]
 
 counters: Counter[str] = Counter()  # "<function>.<backend>" calls, "clusters_clamped" warnings
 
@@ -77,15 +76,27 @@ def popcount(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     return reference.popcount(x) if backend == "reference" else cpu.popcount(x)
 
 
-def lsh_hash(x: torch.Tensor, planes: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Hash each row: bit b is ``[x·planes[b, :D] > planes[b, D]]``.
+def lsh_hash(x: torch.Tensor, planes: torch.Tensor, impl: str = "auto",
+             metric: torch.Tensor | None = None,
+             centre_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Hash each row: bit b is ``[x·planes[b, :D] > planes[b, D]]``; with a ``metric`` M, the
+    centred SimHash of ``x M^½`` (see ``cluster_queries``).
 
-    Shapes: x (..., N, D), planes (bits, D+1) → (..., N) int64 in [0, 2**bits).
+    Shapes: x (..., N, D), planes (bits, D+1), metric (..., D, D) or None, centre_mask
+    (..., N) bool or None → (..., N) int64 in [0, 2**bits).
     """
     check_float("x", x, 2)
     check_planes(planes, x.shape[-1])
+    *batch, N, D = x.shape
+    _check_metric(metric, batch, D)
+    check_valid(centre_mask, (*batch, N), "centre_mask")
     backend = resolve_impl(impl, x.device)
     counters[f"lsh_hash.{backend}"] += 1
+    if metric is not None:
+        root = metric_root(metric.to(torch.float64 if x.dtype == torch.float64
+                                     else torch.float32)).expand(*batch, D, D)
+        return (reference if backend == "reference" else cpu).lsh_hash(x, planes, root,
+                                                                       centre_mask)
     if backend == "triton":
         from clusterfx.ops.clustering import triton as _tr
 
@@ -206,18 +217,89 @@ def euclidean_kmeans(x: torch.Tensor, clusters: int, iterations: int = 10, seed:
     return a.view(*batch, N), c.view(*batch, clusters)
 
 
-def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int,
-                 steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`steps` Lloyd iterations in the queries' own (Euclidean) space, started from a given
-    clustering (e.g. Hamming K-means): centroid = mean of its members, each query to the
-    nearest centroid (ties to the lowest index); empty clusters stay empty. Costs one
-    N×C×D matmul a step. Plain torch, any device.
+def attention_metric(k: torch.Tensor, heads: int | None = None,
+                     key_padding_mask: torch.Tensor | None = None,
+                     max_keys: int = 4096) -> torch.Tensor:
+    """The metric in which two queries are close when their attention rows are: the covariance
+    of the (valid) keys, ``M = Cov(k)``.
 
-    Shapes: x (..., N, D), assignments (..., N) int64 -> (assignments, counts (..., C)).
+    Queries x and y give key l the logits x·k_l and y·k_l; softmax ignores a shift shared by
+    all keys, so what tells their attention rows apart is the spread over the keys of the
+    logit gap (x - y)·k_l, whose variance is ``(x - y)ᵀ M (x - y)``. Clustering under M
+    instead of the plain Euclidean distance puts together the queries that attend alike.
+
+    Rows with more than ``max_keys`` keys use every ⌈Nk / max_keys⌉-th key (deterministic).
+    A row without valid keys gets M = 0. Computed in float64 for float64 keys, float32
+    otherwise; GQA: query head h uses key head ``h // (heads / Hk)``.
+
+    Shapes: k (B, Hk, Nk, D), key_padding_mask (B, Nk) bool (True = keep) →
+    (B, heads, D, D) (heads defaults to Hk).
+    """
+    check_float("k", k, 4, exact_rank=True)
+    B, Hk, Nk, D = k.shape
+    heads = Hk if heads is None else heads
+    check_positive_int("heads", heads)
+    if heads % Hk:
+        raise ValueError(f"heads ({heads}) must be a multiple of the key heads ({Hk})")
+    check_positive_int("max_keys", max_keys)
+    check_valid(key_padding_mask, (B, Nk), "key_padding_mask")
+    step = -(-Nk // max_keys)
+    kf = k[:, :, ::step].to(torch.float64 if k.dtype == torch.float64 else torch.float32)
+    if key_padding_mask is None:
+        w = kf.new_ones(B, 1, kf.shape[2], 1)
+    else:
+        w = key_padding_mask[:, None, ::step, None].to(kf.dtype)
+    n = w.sum(2, keepdim=True).clamp_min(1)  # (B, 1, 1, 1)
+    centred = (kf - (kf * w).sum(2, keepdim=True) / n) * w
+    cov = centred.transpose(-1, -2) @ centred / n  # (B, Hk, D, D)
+    return cov.repeat_interleave(heads // Hk, dim=1) if heads != Hk else cov
+
+
+def metric_root(metric: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root ``M^½ = V √Λ Vᵀ`` of a symmetric positive semi-definite
+    matrix (negative eigenvalues from rounding count as 0). Unique, so it does not depend on
+    the eigen-solver's choice of eigenvector signs. Shapes: (..., D, D) → (..., D, D)."""
+    evals, evecs = torch.linalg.eigh(metric)
+    return (evecs * evals.clamp_min(0).sqrt()[..., None, :]) @ evecs.transpose(-1, -2)
+
+
+def _check_metric(metric: torch.Tensor | None, batch: list[int], dim: int) -> None:
+    if metric is None:
+        return
+    check_float("metric", metric, 2)
+    if tuple(metric.shape[-2:]) != (dim, dim):
+        raise ValueError(f"metric has shape {tuple(metric.shape)}; expected (..., {dim}, {dim})")
+    try:
+        torch.broadcast_shapes(tuple(metric.shape[:-2]), tuple(batch))
+    except RuntimeError:
+        raise ValueError(f"metric's batch shape {tuple(metric.shape[:-2])} does not broadcast "
+                         f"to the queries' {tuple(batch)}") from None
+
+
+def _rows(metric: torch.Tensor | None, batch: list[int], dim: int) -> torch.Tensor | None:
+    """metric (..., D, D) broadcast to the queries' batch and flattened to (R, D, D)."""
+    if metric is None:
+        return None
+    return metric.expand(*batch, dim, dim).reshape(-1, dim, dim)
+
+
+def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int, steps: int,
+                 metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`steps` Lloyd iterations started from a given clustering (e.g. Hamming K-means):
+    centroid = mean of its members, each query to the nearest centroid (ties to the lowest
+    index); empty clusters stay empty. Distances are Euclidean, or ``(x - m)ᵀ M (x - m)``
+    with a ``metric`` M (see ``attention_metric``). Costs one N×C×D matmul a step. Plain
+    torch (float32), any device.
+
+    Shapes: x (..., N, D), assignments (..., N) int64, metric (..., D, D) or None →
+    (assignments, counts (..., C)).
     """
     *batch, n, d = x.shape
+    _check_metric(metric, batch, d)
     xf = x.reshape(-1, n, d).float()
     rows = xf.shape[0]
+    m = _rows(metric, batch, d)
+    m = None if m is None else m.float()
     a = assignments.reshape(rows, n)
     offsets = torch.arange(rows, device=x.device)[:, None] * clusters  # (R, 1)
     flat_x = xf.reshape(rows * n, d)
@@ -226,8 +308,9 @@ def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int,
         sums = xf.new_zeros(rows * clusters, d).index_add_(0, slots, flat_x)
         counts = torch.bincount(slots, minlength=rows * clusters).view(rows, clusters)
         means = (sums.view(rows, clusters, d) / counts.clamp_min(1)[..., None])
-        # |x - m|² up to the per-query |x|², which does not change the argmin
-        dist = torch.baddbmm((means * means).sum(-1)[:, None, :], xf, means.transpose(1, 2),
+        mapped = means if m is None else means @ m  # M m (M is symmetric)
+        # (x - m)ᵀM(x - m) up to the per-query xᵀMx, which does not change the argmin
+        dist = torch.baddbmm((means * mapped).sum(-1)[:, None, :], xf, mapped.transpose(1, 2),
                              alpha=-2.0)
         a = dist.masked_fill_((counts == 0)[:, None, :], float("inf")).argmin(-1)
     counts = torch.bincount((a + offsets).reshape(-1), minlength=rows * clusters)
@@ -235,42 +318,65 @@ def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int,
 
 
 def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bits: int = 63,
-                    seed: int = -1, clustering: str = "hamming",
+                    seed: int = -1, clustering: str = "hamming", refine: int = 0,
+                    metric: torch.Tensor | None = None, centre_mask: torch.Tensor | None = None,
                     impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the queries of every row, as clustered attention does.
 
     ``clustering="hamming"``: hash with ``bits`` random hyperplanes, then Hamming k-means;
     ``"kmeans"``: Euclidean k-means on the queries themselves. One generator seeded with
-    ``seed`` draws the hyperplanes and then the k-means choices.
+    ``seed`` draws the hyperplanes and then the k-means choices. ``refine`` Lloyd steps
+    follow (``lloyd_refine``).
 
-    Shapes: q (..., N, D) → assignments (..., N) int64, counts (..., C) int64.
+    ``metric`` (..., D, D), e.g. ``attention_metric(k)``: cluster in that geometry instead of
+    the Euclidean one — the hash is the SimHash of ``(q - q̄) M^½`` (q̄: the mean of the
+    queries ``centre_mask`` marks, default all; ``cpu.lsh_signs``), k-means runs on ``q M^½``,
+    and the refinement measures ``(x - m)ᵀ M (x - m)``. None: the paper's method on the raw
+    queries (``centre_mask`` is then unused).
+
+    Shapes: q (..., N, D), metric (..., D, D) or None, centre_mask (..., N) bool or None →
+    assignments (..., N) int64, counts (..., C) int64.
     """
     check_float("q", q, 2)
     if clustering not in ("hamming", "kmeans"):
         raise ValueError(f"clustering ({clustering!r}) must be 'hamming' or 'kmeans'")
     check_bits(bits)
     _check_kmeans_args(clusters, iterations, seed, q.shape[-2])
-    backend = resolve_impl(impl, q.device)
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine ({refine!r}) must be an int >= 0")
     *batch, N, D = q.shape
+    _check_metric(metric, batch, D)
+    check_valid(centre_mask, (*batch, N), "centre_mask")
+    backend = resolve_impl(impl, q.device)
     x = q.reshape(-1, N, D)
+    centre = None if centre_mask is None else centre_mask.reshape(-1, N)
+    m = _rows(metric, batch, D)
+    root = None if m is None else metric_root(m.to(torch.float64 if q.dtype == torch.float64
+                                                   else torch.float32))
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
     _clamp_warning(clusters, N, None)
     counters[f"cluster_queries.{clustering}.{backend}"] += 1
     gen = _generator(seed)
     if clustering == "kmeans":
         plan = _kmeans_plan(valid, True, clusters, iterations, gen)
-        a, c = (reference if backend == "reference" else cpu).euclidean_kmeans(x, *plan, valid)
+        y = x if root is None else x.to(root.dtype) @ root
+        a, c = (reference if backend == "reference" else cpu).euclidean_kmeans(y, *plan, valid)
     else:
         planes = _draw_planes(bits, D, gen)
         plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         if backend == "reference":
-            a, c = reference.hamming_kmeans(reference.lsh_hash(x, planes), *plan, valid, bits)
-        elif backend == "cpu":
-            a, c = cpu.hamming_kmeans_signs(cpu.lsh_signs(x, planes), *plan, valid)
+            a, c = reference.hamming_kmeans(reference.lsh_hash(x, planes, root, centre), *plan,
+                                            valid, bits)
+        elif backend == "cpu" or root is not None:  # the Triton hash kernel has no metric
+            signs = cpu.lsh_signs(x, planes, root, centre)
+            assign_fn = None if backend == "cpu" else _triton_assign(cpu.pack_signs(signs), bits)
+            a, c = cpu.hamming_kmeans_signs(signs, *plan, valid, assign_fn=assign_fn)
         else:
             from clusterfx.ops.clustering import triton as _tr
 
             h = _tr.lsh_hash(x, planes.to(device=q.device, dtype=torch.float32))
             a, c = cpu.hamming_kmeans_signs(cpu.unpack_signs(h, bits), *plan, valid,
                                             assign_fn=_triton_assign(h, bits))
+    if refine:
+        a, c = lloyd_refine(x, a, clusters, refine, m)
     return a.view(*batch, N), c.view(*batch, clusters)

@@ -38,21 +38,44 @@ def popcount(x: torch.Tensor) -> torch.Tensor:
     return x & 0x7F
 
 
-def lsh_signs(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+def lsh_signs(x: torch.Tensor, planes: torch.Tensor, root: torch.Tensor | None = None,
+              centre_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Hash bits as ±1 int8: ``s_b = +1`` iff ``x·a_b[:D] > a_b[D]`` (same arithmetic as the
     reference ``lsh_hash``, float64 for float64 inputs, float32 otherwise).
 
-    Shapes: x (..., N, D), planes (bits, D+1) → (..., N, bits) int8.
+    With ``root`` (a symmetric square root of a metric M) the queries are hashed in M's
+    geometry, centred, without the bias: ``s_b = +1`` iff ``(x - x̄)·(root a_b) > 0``, where x̄
+    is the mean query of the row, over the queries ``centre_mask`` marks (default: all)
+    (SimHash of ``(x - x̄) root``; the centring is folded into a per-row threshold
+    ``x̄·(root a_b)`` and ``root`` into the planes, so the cost is that of the plain hash).
+
+    Shapes: x (..., N, D), planes (bits, D+1), root (..., D, D), centre_mask (..., N) bool →
+    (..., N, bits) int8.
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     planes = planes.to(device=x.device, dtype=cdt)
-    proj = x.to(cdt) @ planes[:, :-1].T  # (..., N, bits)
-    return (proj > planes[:, -1]).to(torch.int8) * 2 - 1
+    if root is None:
+        proj = x.to(cdt) @ planes[:, :-1].T  # (..., N, bits)
+        return (proj > planes[:, -1]).to(torch.int8) * 2 - 1
+    x = x.to(cdt)
+    rotated = root.to(cdt) @ planes[:, :-1].T  # (..., D, bits)
+    proj = x @ rotated  # (..., N, bits)
+    return (proj > _centre(x, centre_mask) @ rotated).to(torch.int8) * 2 - 1
 
 
-def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+def _centre(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the rows of x (..., N, D) that ``mask`` (..., N) marks → (..., 1, D); a row
+    with none marked gets 0."""
+    if mask is None:
+        return x.mean(-2, keepdim=True)
+    w = mask.to(x.dtype)[..., None]
+    return (x * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1)
+
+
+def lsh_hash(x: torch.Tensor, planes: torch.Tensor, root: torch.Tensor | None = None,
+             centre_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Packed hash codes. Shapes: x (..., N, D), planes (bits, D+1) → (..., N) int64."""
-    return pack_signs(lsh_signs(x, planes))
+    return pack_signs(lsh_signs(x, planes, root, centre_mask))
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:

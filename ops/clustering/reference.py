@@ -31,17 +31,34 @@ def popcount(x: torch.Tensor) -> torch.Tensor:
     return ((x.unsqueeze(-1) >> shifts) & 1).sum(-1)
 
 
-def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+def lsh_hash(x: torch.Tensor, planes: torch.Tensor, root: torch.Tensor | None = None,
+             centre_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Random-hyperplane hash with a bias: bit b of h(x) is ``[x·a_b[:D] > a_b[D]]``.
+
+    With ``root`` (a symmetric square root of a metric M): the queries are mapped to
+    ``y = x root`` (where Euclidean distance is M's), centred on the mean of the row's queries
+    that ``centre_mask`` marks (default: all; none marked: no centring), and bit b is
+    ``[y·a_b[:D] > 0]`` (SimHash; the bias column is not used).
 
     Computed in float64 for float64 inputs and float32 otherwise.
 
-    Shapes: x (..., N, D), planes (bits, D+1) → (..., N) int64 in [0, 2**bits).
+    Shapes: x (..., N, D), planes (bits, D+1), root (..., D, D) → (..., N) int64 in
+    [0, 2**bits).
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     planes = planes.to(device=x.device, dtype=cdt)
-    proj = x.to(cdt) @ planes[:, :-1].T  # (..., N, bits)
-    bit_set = proj > planes[:, -1]
+    if root is None:
+        proj = x.to(cdt) @ planes[:, :-1].T  # (..., N, bits)
+        bit_set = proj > planes[:, -1]
+    else:
+        y = x.to(cdt) @ root.to(cdt)
+        marked = torch.ones(y.shape[:-1], dtype=torch.bool, device=y.device) \
+            if centre_mask is None else centre_mask.expand(y.shape[:-1])
+        centre = torch.stack([row[m].mean(0) if m.any() else row.new_zeros(row.shape[-1])
+                              for row, m in zip(y.reshape(-1, *y.shape[-2:]),
+                                                marked.reshape(-1, y.shape[-2]), strict=True)])
+        centre = centre.view(*y.shape[:-2], 1, y.shape[-1])
+        bit_set = (y - centre) @ planes[:, :-1].T > 0
     weights = torch.ones((), dtype=torch.int64, device=x.device) << torch.arange(
         planes.shape[0], device=x.device)
     return (bit_set.long() * weights).sum(-1)

@@ -1,15 +1,16 @@
 """`clusterfx::conditional_attention`: a rewritten attention site, deciding its path per call.
 
     out, assignments, path = conditional_attention(q, k, v, attn_mask, scale, method, clusters,
-        topk, iterations, bits, seed, clustering, refine, min_length, impl, site)
+        topk, iterations, bits, seed, clustering, refine, metric, min_length, impl, site)
 
 Per call, on the concrete inputs (so no recompile at any new length):
 - `Nk < min_length` (the `conditional-full` composition of the paper's library, and `Auto`'s
   crossover from the cost model) → exact attention (path 1);
 - an `attn_mask` that is not a key-padding mask (it varies over queries or heads, or an additive
   mask holds values other than 0 and <= -1e4) → exact attention (path 2);
-- otherwise `method` ("clustered" | "improved_clustered") with the mask as key padding (path 0);
-  `refine` > 0 adds that many Lloyd steps in query space after the clustering.
+- otherwise `method` ("clustered" | "improved_clustered") with the mask as key padding (path 0),
+  clustering in the geometry `metric` names ("attention" | "euclidean") and `refine` Lloyd steps
+  after it (see `clusterfx.ops.clustered`).
 The path taken is counted per site in `site_paths[site]`, which the report prints.
 
 Gradients: the discrete choices (path, cluster assignments, top-k) are held fixed; the backward
@@ -32,7 +33,6 @@ from torch import Tensor
 from .. import clustered as _clustered  # noqa: F401 - registers the clustered ops
 from ..attention import dense_attention
 from ..clustered import cpu as clustered_cpu  # the differentiable torch code (any device)
-from ..clustering import cluster_queries, lloyd_refine
 
 PATHS = ("approximate", "exact: shorter than min_length", "exact: mask is not key padding")
 METHODS = ("clustered", "improved_clustered")
@@ -62,7 +62,7 @@ def _dense(q, k, v, mask, scale):
 def conditional_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, method: str,
     clusters: int, topk: int, iterations: int, bits: int, seed: int, clustering: str,
-    refine: int, min_length: int, impl: str, site: str,
+    refine: int, metric: str, min_length: int, impl: str, site: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if method not in METHODS:
         raise ValueError(f"method ({method!r}) must be one of {METHODS}")
@@ -75,29 +75,21 @@ def conditional_attention(
     site_paths[site][PATHS[path]] += 1
     if path:
         out = _dense(q, k, v, attn_mask, scale)
-    elif refine:
-        assignments, _ = cluster_queries(q, clusters, iterations=iterations, bits=bits,
-                                         seed=seed, clustering=clustering, impl=impl)
-        assignments, _ = lloyd_refine(q, assignments, clusters, refine)
-        if method == "clustered":
-            out = torch.ops.clusterfx.clustered_attention_from_assignments(
-                q, k, v, assignments, keep, clusters, scale, impl)
-        else:
-            out = torch.ops.clusterfx.improved_clustered_attention_from_assignments(
-                q, k, v, assignments, keep, clusters, topk, scale, impl)[0]
     elif method == "clustered":
         out, assignments = torch.ops.clusterfx.clustered_attention(
-            q, k, v, keep, clusters, scale, iterations, bits, seed, clustering, impl)
+            q, k, v, keep, clusters, scale, iterations, bits, seed, clustering, refine, metric,
+            impl)
     else:
         out, assignments, _ = torch.ops.clusterfx.improved_clustered_attention(
-            q, k, v, keep, clusters, topk, scale, iterations, bits, seed, clustering, impl)
+            q, k, v, keep, clusters, topk, scale, iterations, bits, seed, clustering, refine,
+            metric, impl)
     # contiguous, as the fake kernel promises (SDPA may return a transposed layout)
     return out.contiguous(), assignments, torch.tensor(path, dtype=torch.int64)
 
 
 @conditional_attention.register_fake
 def _(q, k, v, attn_mask, scale, method, clusters, topk, iterations, bits, seed, clustering,
-      refine, min_length, impl, site):
+      refine, metric, min_length, impl, site):
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     return out, q.new_empty(q.shape[:3], dtype=torch.int64), q.new_empty((), dtype=torch.int64)
 
@@ -141,7 +133,7 @@ def _backward(ctx, grad, _grad_assignments, _grad_path):
     q, k, v, mask, assignments, path = ctx.saved_tensors
     dq, dk, dv = torch.ops.clusterfx.conditional_attention_backward(
         grad, q, k, v, mask, assignments, path, *ctx.args)
-    return (dq, dk, dv) + (None,) * 13
+    return (dq, dk, dv) + (None,) * 14
 
 
 conditional_attention.register_autograd(_backward, setup_context=_setup)

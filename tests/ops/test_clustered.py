@@ -238,11 +238,12 @@ def test_full_op_backward_uses_its_own_clusters(fn):
     q, k, v, mask = make_inputs(pad=True)
     args = [t.requires_grad_(True) for t in (q, k, v)]
     if fn == "clustered":
-        out, a = OPS.clustered_attention(*args, mask, 3, 0.4, 10, 63, 5, "hamming", "cpu")
+        out, a = OPS.clustered_attention(*args, mask, 3, 0.4, 10, 63, 5, "hamming", 0,
+                                         "euclidean", "cpu")
         again = ca.clustered_attention_from_assignments(*args, a, 3, mask, 0.4, impl="reference")
     else:
         out, a, idx = OPS.improved_clustered_attention(*args, mask, 3, 2, 0.4, 10, 63, 5,
-                                                       "hamming", "cpu")
+                                                       "hamming", 1, "attention", "cpu")
         again = reference.improved_clustered_attention_from_assignments(
             *args, a, 3, mask, 0.4, topk=2, topk_indices=idx)[0]
     g = torch.randn_like(out)
@@ -302,8 +303,10 @@ def test_fuzz_shapes_cpu_against_reference(B, Hk, G, Nq, Nk, D, Dv, C, topk, pad
 
 def test_same_seed_same_result_and_global_rng_seed():
     q, k, v, _ = make_inputs(Nq=30)
-    r1 = OPS.improved_clustered_attention(q, k, v, None, 4, 3, 0.3, 10, 63, 7, "hamming", "cpu")
-    r2 = OPS.improved_clustered_attention(q, k, v, None, 4, 3, 0.3, 10, 63, 7, "hamming", "cpu")
+    r1 = OPS.improved_clustered_attention(q, k, v, None, 4, 3, 0.3, 10, 63, 7, "hamming", 1,
+                                          "attention", "cpu")
+    r2 = OPS.improved_clustered_attention(q, k, v, None, 4, 3, 0.3, 10, 63, 7, "hamming", 1,
+                                          "attention", "cpu")
     for x, y in zip(r1, r2, strict=True):
         assert torch.equal(x, y)
     torch.manual_seed(1)
@@ -379,9 +382,12 @@ def test_opcheck_every_op():
         (OPS.clustered_attention_from_assignments.default, (*args, a, mask, 3, 0.4, "cpu")),
         (OPS.improved_clustered_attention_from_assignments.default,
          (*args, a, mask, 3, 2, 0.4, "reference")),
-        (OPS.clustered_attention.default, (*args, mask, 3, 0.4, 3, 63, 1, "hamming", "cpu")),
+        (OPS.clustered_attention.default,
+         (*args, mask, 3, 0.4, 3, 63, 1, "hamming", 1, "attention", "cpu")),
+        (OPS.clustered_attention.default,
+         (*args, mask, 3, 0.4, 3, 63, 1, "hamming", 0, "euclidean", "cpu")),
         (OPS.improved_clustered_attention.default,
-         (*args, None, 3, 2, 0.4, 3, 63, 1, "kmeans", "cpu")),
+         (*args, None, 3, 2, 0.4, 3, 63, 1, "kmeans", 2, "attention", "cpu")),
     ]
     for op, op_args in cases:
         torch.library.opcheck(op, op_args)
