@@ -90,6 +90,8 @@ def test_bad_policy_type():
     (lambda: cfx.Clustered(clusters=4, iterations=0), r"iterations \(0\)"),
     (lambda: cfx.Clustered(clusters=4, clustering="pq"), "clustering"),
     (lambda: cfx.Clustered(clusters=4, refine=-1), r"refine \(-1\)"),
+    (lambda: cfx.Clustered(clusters=4, metric="cosine"),
+     r"metric \('cosine'\) must be one of \('attention', 'euclidean'\)"),
     (lambda: cfx.ImprovedClustered(clusters=4, topk=0), r"topk \(0\)"),
     (lambda: cfx.TopK(k=0), r"k \(0\)"),
     (lambda: cfx.TopK(k=True), r"k \(True\)"),

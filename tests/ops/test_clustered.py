@@ -339,6 +339,8 @@ def test_counters_record_the_backend():
     ({"bits": 64}, r"bits \(64\)"),
     ({"iterations": 0}, r"iterations \(0\)"),
     ({"clustering": "lsh"}, r"clustering \('lsh'\)"),
+    ({"refine": -2}, r"refine \(-2\) must be an int >= 0"),
+    ({"metric": "l1"}, r"metric \('l1'\) must be one of \('attention', 'euclidean'\)"),
     ({"impl": "cuda"}, r"impl \('cuda'\)"),
     ({"scale": float("nan")}, r"scale \(nan\)"),
 ])
@@ -460,8 +462,22 @@ def test_triton_kernels_match_reference():
                      make_inputs(Nq=24, Nk=20, D=16, Dv=8, dtype=torch.float32, pad=True))
     mask[0, 4:] = False
     for fn, extra in ((ca.clustered_attention, {}),
+                      (ca.clustered_attention, {"metric": "euclidean", "refine": 0}),
                       (ca.improved_clustered_attention, {"topk": 6})):
         got = fn(q, k, v, clusters=4, key_padding_mask=mask, seed=3, impl="triton", **extra)
         want = fn(q.cpu(), k.cpu(), v.cpu(), clusters=4, key_padding_mask=mask.cpu(), seed=3,
                   impl="reference", **extra)
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)
+
+
+def test_op_defaults_are_the_configs_defaults():
+    """`clustered_attention(...)` called directly clusters as `Clustered()` does."""
+    import inspect
+
+    import clusterfx as cfx
+
+    for fn, config in ((ca.clustered_attention, cfx.Clustered()),
+                       (ca.improved_clustered_attention, cfx.ImprovedClustered())):
+        params = inspect.signature(fn).parameters
+        for name in ("iterations", "bits", "clustering", "refine", "metric"):
+            assert params[name].default == getattr(config, name), (fn.__name__, name)

@@ -268,3 +268,141 @@ def test_lloyd_refine_recovers_separated_blobs_from_a_bad_start():
     for c in range(3):
         assert labels[truth == c].unique().numel() == 1
     assert labels.unique().numel() == 3
+
+
+# ------------------------------------------------------------------------ the attention metric
+
+
+def test_attention_metric_is_the_covariance_of_the_valid_keys():
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 2, 30, 5, generator=g, dtype=torch.float64) * 3 + 1
+    keep = torch.rand(2, 30, generator=g) > 0.3
+    m = cl.attention_metric(k, heads=4, key_padding_mask=keep)
+    assert m.shape == (2, 4, 5, 5) and m.dtype == torch.float64
+    for b in range(2):
+        for h in range(4):
+            valid = k[b, h // 2][keep[b]]  # GQA: query head h reads key head h // 2
+            want = torch.cov(valid.T, correction=0)
+            torch.testing.assert_close(m[b, h], want, atol=1e-12, rtol=1e-12)
+    # more keys than max_keys: every ceil(Nk / max_keys)-th key, deterministically
+    torch.testing.assert_close(cl.attention_metric(k, max_keys=10),
+                               cl.attention_metric(k[:, :, ::3]), atol=0, rtol=0)
+    none = cl.attention_metric(k, key_padding_mask=torch.zeros(2, 30, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros_like(none))
+    assert cl.attention_metric(k.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"heads \(3\) must be a multiple of the key heads \(2\)"):
+        cl.attention_metric(k, heads=3)
+
+
+def test_metric_root_is_the_symmetric_square_root():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    m = a @ a.transpose(-1, -2)  # rank 4 of 6: PSD with zero eigenvalues
+    root = cl.metric_root(m)
+    torch.testing.assert_close(root, root.transpose(-1, -2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(root @ root, m, atol=1e-10, rtol=1e-10)
+    assert torch.linalg.eigvalsh(root).min() > -1e-7
+
+
+def _metric_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, 40, 6, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 3, 50, 6, generator=g, dtype=torch.float64) * torch.arange(1.0, 7.0)
+    return q, cl.attention_metric(k)
+
+
+def test_metric_hash_cpu_equals_reference_and_is_shift_and_scale_invariant():
+    q, m = _metric_inputs()
+    planes = cl.make_planes(63, 6, seed=2, dtype=torch.float64)
+    ref = cl.lsh_hash(q, planes, impl="reference", metric=m)
+    assert torch.equal(ref, cl.lsh_hash(q, planes, impl="cpu", metric=m))
+    # centred SimHash: a common shift of the queries and a positive scale change nothing
+    shifted = q * 3.5 + torch.randn(1, 1, 1, 6, dtype=torch.float64) * 10
+    assert torch.equal(ref, cl.lsh_hash(shifted, planes, impl="cpu", metric=m))
+    assert torch.equal(ref, cl.lsh_hash(q, planes, impl="cpu", metric=m * 7.0))
+    # the identity metric is the centred SimHash of the raw queries
+    eye = torch.eye(6, dtype=torch.float64)
+    want = (q - q.mean(-2, keepdim=True)) @ planes[:, :-1].T > 0
+    packed = (want.long() << torch.arange(63)).sum(-1)
+    assert torch.equal(cl.lsh_hash(q, planes, impl="cpu", metric=eye), packed)
+
+
+def test_metric_hash_ignores_what_the_keys_cannot_see_and_the_masked_queries():
+    """Keys in a 2-D subspace: query components outside it change no logit (up to a shift),
+    so they must not change the hash; queries outside centre_mask do not move the centre."""
+    g = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
+    seen, unseen = basis[:, :2], basis[:, 2:]
+    k = (torch.randn(1, 1, 64, 2, generator=g, dtype=torch.float64) @ seen.T)
+    q = torch.randn(1, 1, 30, 8, generator=g, dtype=torch.float64)
+    m = cl.attention_metric(k)
+    planes = cl.make_planes(40, 8, seed=0, dtype=torch.float64)
+    noise = torch.randn(1, 1, 30, 6, generator=g, dtype=torch.float64) @ unseen.T * 100
+    for impl in ("reference", "cpu"):
+        base = cl.lsh_hash(q, planes, impl=impl, metric=m)
+        assert torch.equal(base, cl.lsh_hash(q + noise, planes, impl=impl, metric=m))
+        keep = torch.ones(1, 1, 30, dtype=torch.bool)
+        keep[..., 25:] = False
+        moved = q.clone()
+        moved[..., 25:, :] += 50.0
+        a = cl.lsh_hash(q, planes, impl=impl, metric=m, centre_mask=keep)
+        b = cl.lsh_hash(moved, planes, impl=impl, metric=m, centre_mask=keep)
+        assert torch.equal(a[..., :25], b[..., :25])
+        assert not torch.equal(a, cl.lsh_hash(moved, planes, impl=impl, metric=m))
+
+
+def test_lloyd_refine_in_a_metric_is_euclidean_refinement_of_the_mapped_queries():
+    q, m = _metric_inputs(3)
+    start = torch.randint(0, 5, q.shape[:-1], generator=torch.Generator().manual_seed(0))
+    got = cl.lloyd_refine(q, start, 5, 3, m)
+    want = cl.lloyd_refine(q @ cl.metric_root(m), start, 5, 3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("clustering", ["hamming", "kmeans"])
+def test_cluster_queries_with_a_metric_cpu_equals_reference(clustering, gemm_form):
+    q, m = _metric_inputs(5)
+    kw = dict(seed=9, clustering=clustering, metric=m, refine=2)
+    ref = cl.cluster_queries(q, 6, impl="reference", **kw)
+    got = cl.cluster_queries(q, 6, impl="cpu", **kw)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    assert torch.equal(got[1].sum(-1), torch.full((2, 3), 40))
+    if clustering == "kmeans":  # Euclidean k-means on q M^½, then Lloyd in M
+        mapped = cl.cluster_queries(q @ cl.metric_root(m), 6, seed=9, clustering="kmeans",
+                                    refine=2)
+        assert torch.equal(got[0], mapped[0])
+
+
+def test_attention_metric_clusters_queries_that_attend_alike():
+    """Queries = a few attention patterns + large noise the keys cannot see. The attention
+    metric clusters by pattern; the Euclidean one by noise, so its attention is far worse."""
+    from clusterfx.ops.clustered import improved_clustered_attention
+
+    g = torch.Generator().manual_seed(0)
+    D, N = 16, 256
+    basis = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    k = torch.randn(1, 1, N, 4, generator=g, dtype=torch.float64) @ basis[:, :4].T * 2
+    v = torch.randn(1, 1, N, D, generator=g, dtype=torch.float64)
+    patterns = torch.randn(4, 4, generator=g, dtype=torch.float64) @ basis[:, :4].T
+    q = patterns[torch.randint(0, 4, (N,), generator=g)][None, None]
+    q = q + torch.randn(1, 1, N, D - 4, generator=g, dtype=torch.float64) @ basis[:, 4:].T * 5
+    dense = torch.softmax(q @ k.transpose(-1, -2) / D**0.5, -1) @ v
+    err = {}
+    for metric in ("attention", "euclidean"):
+        out = improved_clustered_attention(q, k, v, clusters=16, topk=4, seed=0,
+                                           metric=metric, impl="reference")
+        err[metric] = float((out - dense).norm() / dense.norm())
+    assert err["attention"] < 1e-10  # every cluster holds one pattern: exact
+    assert err["euclidean"] > 100 * max(err["attention"], 1e-6)
+
+
+def test_bad_metric_inputs_raise_value_error():
+    q = torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match=r"metric has shape \(4, 3\); expected \(\.\.\., 4, 4\)"):
+        cl.cluster_queries(q, 2, metric=torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"metric's batch shape \(3,\) does not broadcast"):
+        cl.cluster_queries(q, 2, metric=torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match=r"refine \(-1\) must be an int >= 0"):
+        cl.cluster_queries(q, 2, refine=-1)
+    with pytest.raises(ValueError, match=r"centre_mask has shape \(2, 9\); expected \(2, 10\)"):
+        cl.cluster_queries(q, 2, metric=torch.eye(4), centre_mask=torch.ones(2, 9).bool())
