@@ -2,6 +2,7 @@
 
     clusterfx bench attention [--sizes 1024 2048 ... 32768] [--methods dense clustered ...]
         [--repeats 3] [--heads 8] [--dim 64] [--clusters 100] [--topk 32] [--dtype float32]
+        [--metric attention|euclidean] [--iterations 5] [--refine 1]
         [--device cpu|cuda] [--threads T] [--budget 240] [--no-backward] [--no-memory]
         [--json PATH] [--markdown PATH]
 
@@ -50,6 +51,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .configs import ImprovedClustered
+
 METHODS = ("dense", "clustered", "i-clustered", "topk", "flex")
 CPU_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
 CUDA_SIZES = (*CPU_SIZES, 65536)
@@ -80,6 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=64, help="head dim D")
     p.add_argument("--clusters", type=int, default=100, help="C for clustered and i-clustered")
     p.add_argument("--topk", type=int, default=32, help="k for i-clustered and top-k")
+    default = ImprovedClustered()
+    p.add_argument("--metric", choices=("attention", "euclidean"), default=default.metric,
+                   help="clustering geometry of (i-)clustered (the paper: euclidean)")
+    p.add_argument("--iterations", type=int, default=default.iterations,
+                   help="k-means iterations of (i-)clustered (default %(default)s; paper 10)")
+    p.add_argument("--refine", type=int, default=default.refine,
+                   help="Lloyd steps of (i-)clustered (default %(default)s; paper 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 cpu, bfloat16 cuda")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -94,18 +104,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------ what is timed
-def make_method(name: str, clusters: int, topk: int) -> Callable:
-    """(q, k, v) -> out for one method, through its public op (impl="auto", fixed seed)."""
+def make_method(name: str, clusters: int, topk: int,
+                clustering: dict | None = None) -> Callable:
+    """(q, k, v) -> out for one method, through its public op (impl="auto", fixed seed);
+    ``clustering``: metric / iterations / refine of (i-)clustered (default: the ops')."""
+    clustering = clustering or {}
     if name == "dense":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     if name == "clustered":
         from clusterfx.ops.clustered import clustered_attention
         return lambda q, k, v: clustered_attention(q, k, v, clusters=clusters, seed=SEED,
-                                                   impl="auto")
+                                                   impl="auto", **clustering)
     if name == "i-clustered":
         from clusterfx.ops.clustered import improved_clustered_attention
         return lambda q, k, v: improved_clustered_attention(q, k, v, clusters=clusters,
-                                                            topk=topk, seed=SEED, impl="auto")
+                                                            topk=topk, seed=SEED, impl="auto",
+                                                            **clustering)
     if name == "topk":
         from clusterfx.ops.topk import topk_attention
         return lambda q, k, v: topk_attention(q, k, v, topk=topk, impl="auto")
@@ -161,7 +175,7 @@ def worker(spec: dict) -> dict:
     import resource
 
     torch.set_num_threads(spec["threads"])
-    fn = make_method(spec["method"], spec["clusters"], spec["topk"])
+    fn = make_method(spec["method"], spec["clusters"], spec["topk"], spec["clustering"])
     run_once(fn, make_inputs(min(spec["n"], 1024), spec), spec["backward"])  # page code in
     inputs = make_inputs(spec["n"], spec)
     gc.collect()
@@ -214,9 +228,12 @@ def _settings(args: argparse.Namespace) -> dict:
     for name, value in [("--sizes", min(sizes)), ("--repeats", args.repeats),
                         ("--heads", args.heads or 1), ("--dim", args.dim),
                         ("--clusters", args.clusters), ("--topk", args.topk),
+                        ("--iterations", args.iterations),
                         ("--threads", args.threads or 1)]:
         if value < 1:
             raise CliError(f"{name} ({value}) must be a positive integer")
+    if args.refine < 0:
+        raise CliError(f"--refine ({args.refine}) must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     return {"batch": 1, "heads": args.heads or (16 if cuda else 8), "dim": args.dim,
@@ -224,6 +241,8 @@ def _settings(args: argparse.Namespace) -> dict:
             "threads": torch.get_num_threads(), "sizes": sizes, "methods": methods,
             "passes": list(PASSES if args.backward else PASSES[:1]), "repeats": args.repeats,
             "clusters": args.clusters, "topk": args.topk, "seed": SEED, "impl": "auto",
+            "clustering": {"metric": args.metric, "iterations": args.iterations,
+                           "refine": args.refine},
             "budget_s": args.budget, "memory": args.memory,
             "memory_method": (None if not args.memory else "cuda.max_memory_allocated" if cuda
                               else f"subprocess VmHWM - VmRSS, {_MALLOC_ENV}"),
@@ -249,7 +268,8 @@ def _flops(n: int, cfg: dict, backward: bool) -> float:
 
 def measure(cfg: dict, log: Callable[[str], None]) -> list[dict]:
     """Timings (round robin per N, in this process) and peak memory of every case."""
-    fns = {m: make_method(m, cfg["clusters"], cfg["topk"]) for m in cfg["methods"]}
+    fns = {m: make_method(m, cfg["clusters"], cfg["topk"], cfg["clustering"])
+           for m in cfg["methods"]}
     rows = []
     for n in cfg["sizes"]:
         inputs = make_inputs(n, cfg)
@@ -327,7 +347,9 @@ def header(cfg: dict) -> str:
     sizes = ", ".join(map(str, cfg["sizes"]))
     return (f"bench attention: B={cfg['batch']} H={cfg['heads']} N in {{{sizes}}} "
             f"D={cfg['dim']}, {cfg['dtype']} on {cfg['device']}, torch.get_num_threads()="
-            f"{cfg['threads']}; clusters={cfg['clusters']} topk={cfg['topk']} impl=auto "
+            f"{cfg['threads']}; clusters={cfg['clusters']} topk={cfg['topk']} "
+            f"metric={cfg['clustering']['metric']} iterations={cfg['clustering']['iterations']} "
+            f"refine={cfg['clustering']['refine']} impl=auto "
             f"seed={cfg['seed']}; median of {cfg['repeats']} after a warm-up (fewer where "
             f"noted); torch {cfg['torch']} ({cfg['cpu_capability']})")
 

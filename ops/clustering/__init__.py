@@ -309,10 +309,10 @@ def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int, step
         counts = torch.bincount(slots, minlength=rows * clusters).view(rows, clusters)
         means = (sums.view(rows, clusters, d) / counts.clamp_min(1)[..., None])
         mapped = means if m is None else means @ m  # M m (M is symmetric)
-        # (x - m)ᵀM(x - m) up to the per-query xᵀMx, which does not change the argmin
-        dist = torch.baddbmm((means * mapped).sum(-1)[:, None, :], xf, mapped.transpose(1, 2),
-                             alpha=-2.0)
-        a = dist.masked_fill_((counts == 0)[:, None, :], float("inf")).argmin(-1)
+        # (x - m)ᵀM(x - m) up to the per-query xᵀMx, which does not change the argmin; an
+        # empty cluster's constant term is +inf, so no query joins it
+        const = (means * mapped).sum(-1).masked_fill_(counts == 0, float("inf"))
+        a = torch.baddbmm(const[:, None, :], xf, mapped.transpose(1, 2), alpha=-2.0).argmin(-1)
     counts = torch.bincount((a + offsets).reshape(-1), minlength=rows * clusters)
     return a.view(*batch, n), counts.view(*batch, clusters)
 
