@@ -53,7 +53,11 @@ import torch.nn.functional as F
 
 from .configs import ImprovedClustered
 
-METHODS = ("dense", "clustered", "i-clustered", "topk", "flex")
+METHODS = ("dense", "clustered", "i-clustered", "topk", "flex", "clustered-paper",
+           "i-clustered-paper")
+OPT_IN = ("flex", "clustered-paper", "i-clustered-paper")  # not run unless asked for
+# the paper's clustering (fast-transformers' defaults), for side-by-side cost comparisons
+PAPER_CLUSTERING = {"metric": "euclidean", "iterations": 10, "refine": 0}
 CPU_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
 CUDA_SIZES = (*CPU_SIZES, 65536)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,8 +80,10 @@ CPU_TARGETS = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", help="sequence lengths N (default "
                    f"{' '.join(map(str, CPU_SIZES))}; on cuda up to 65536)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: all but flex "
-                   "(flex too on cuda when importable); dense is always added as the baseline")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: dense, clustered, "
+                   "i-clustered, topk (and flex on cuda when importable); dense is always "
+                   "added as the baseline; *-paper: (i-)clustered with the paper's clustering "
+                   "(metric euclidean, 10 iterations, no refinement)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case (median)")
     p.add_argument("--heads", type=int, help="H (default 8 on cpu, 16 on cuda)")
     p.add_argument("--dim", type=int, default=64, help="head dim D")
@@ -109,6 +115,8 @@ def make_method(name: str, clusters: int, topk: int,
     """(q, k, v) -> out for one method, through its public op (impl="auto", fixed seed);
     ``clustering``: metric / iterations / refine of (i-)clustered (default: the ops')."""
     clustering = clustering or {}
+    if name.endswith("-paper"):
+        name, clustering = name.removesuffix("-paper"), PAPER_CLUSTERING
     if name == "dense":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     if name == "clustered":
@@ -220,7 +228,8 @@ def _settings(args: argparse.Namespace) -> dict:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise CliError("--device cuda: torch.cuda.is_available() is False; use --device cpu")
-    methods = list(args.methods or [m for m in METHODS if m != "flex" or (cuda and _has_flex())])
+    methods = list(args.methods or [m for m in METHODS if m not in OPT_IN]
+                   + (["flex"] if cuda and _has_flex() else []))
     if "flex" in methods and not cuda:
         raise CliError("method flex runs on --device cuda only; drop it or pass --device cuda")
     methods = ["dense"] + [m for m in dict.fromkeys(methods) if m != "dense"]

@@ -52,7 +52,7 @@ class Clustered(AttentionConfig):
     `iterations`: Hamming (or Euclidean) k-means iterations before that.
     The defaults (attention metric, 5 iterations, one Lloyd step) are clusterfx's: on the
     pretrained MiniLM they lift i-clustered(25, 32) from 0.979 to 0.991 mean embedding cosine
-    at the paper's clustering cost; `metric="euclidean", iterations=10, refine=0` is the
+    at about the paper's clustering cost; `metric="euclidean", iterations=10, refine=0` is the
     paper's method exactly. See the README's quality table.
     `min_length`: inputs with fewer keys than this run dense (the paper's `conditional-full`).
     """

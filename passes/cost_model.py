@@ -6,8 +6,8 @@ Shapes: q (B, H, Nq, D), v (B, Hk, Nk, Dv); leading dims multiply into one batch
   and probabilities (bytes = elements · itemsize).
 - dense, fused SDPA: same FLOPs, memory BH·Nq·(Dv + 1) (output and log-sum-exp).
 - clustered (C clusters, I iterations, b bits, R refine steps): hashing 2·BH·Nq·D·b, K-means
-  I·BH·Nq·C, refinement R·2·BH·Nq·C·D, centroid attention 2·BH·C·Nk·(D + Dv); memory
-  BH·C·Nk + BH·Nq·Dv.
+  I·BH·Nq·C, refinement R·2·BH·Nq·C·D, centroid attention 2·BH·C·Nk·(D + Dv), and with the
+  attention metric the keys' covariance 2·BH·min(Nk, 4096)·D²; memory BH·C·Nk + BH·Nq·Dv.
 - improved clustered adds 2·BH·Nq·k·(D + Dv) FLOPs and BH·Nq·k memory.
 - top-k: 2·BH·Nq·Nk·D scores (chunked), 2·BH·Nq·k·Dv; memory BH·chunk·Nk + BH·Nq·k.
 """
@@ -27,6 +27,7 @@ from ..compiler.configs import (
     PatchToCluster,
     TopK,
 )
+from ..ops.clustering import METRIC_KEYS
 
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -69,6 +70,8 @@ def estimate(site, config: AttentionConfig | None, fused: bool) -> Cost:
         c = sympy.Min(config.clusters, nq)
         flops = 2 * bh * nq * d * config.bits + config.iterations * bh * nq * c \
             + 2 * bh * c * nk * (d + dv) + config.refine * 2 * bh * nq * c * d
+        if config.metric == "attention":
+            flops += 2 * bh * sympy.Min(nk, METRIC_KEYS) * d * d
         mem = bh * c * nk + bh * nq * dv
         if isinstance(config, ImprovedClustered):
             k = sympy.Min(config.topk, nk)

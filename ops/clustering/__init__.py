@@ -40,9 +40,10 @@ from clusterfx.ops.clustering.checks import (
     resolve_impl,
 )
 
-__all__ = ["attention_metric", "cluster_queries", "counters", "euclidean_kmeans",
+__all__ = ["METRIC_KEYS", "attention_metric", "cluster_queries", "counters", "euclidean_kmeans",
            "hamming_kmeans", "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount"]
 
+METRIC_KEYS = 4096  # keys per row that attention_metric's covariance reads, at most
 counters: Counter[str] = Counter()  # "<function>.<backend>" calls, "clusters_clamped" warnings
 
 
@@ -219,7 +220,7 @@ def euclidean_kmeans(x: torch.Tensor, clusters: int, iterations: int = 10, seed:
 
 def attention_metric(k: torch.Tensor, heads: int | None = None,
                      key_padding_mask: torch.Tensor | None = None,
-                     max_keys: int = 4096) -> torch.Tensor:
+                     max_keys: int = METRIC_KEYS) -> torch.Tensor:
     """The metric in which two queries are close when their attention rows are: the covariance
     of the (valid) keys, ``M = Cov(k)``.
 

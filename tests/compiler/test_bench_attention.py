@@ -109,3 +109,27 @@ def test_targets_report_met_and_missed_from_the_measured_numbers():
 def test_bad_options_exit_2_with_the_offending_value(argv, message, capsys):
     assert main(["bench", "attention", "--no-memory", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_paper_methods_run_the_papers_clustering(capsys):
+    import torch
+
+    from clusterfx.compiler.bench_attention import make_method
+    from clusterfx.ops.clustered import clustered_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=g) for _ in range(3))
+    paper = make_method("clustered-paper", 8, 4)(q, k, v)
+    want = clustered_attention(q, k, v, clusters=8, seed=0, metric="euclidean", iterations=10,
+                               refine=0)
+    assert torch.equal(paper, want)
+    assert not torch.equal(paper, make_method("clustered", 8, 4)(q, k, v))
+    code = main(["bench", "attention", "--sizes", "128", "--repeats", "1", "--no-memory",
+                 "--no-backward", "--clusters", "8", "--methods", "i-clustered-paper",
+                 "--metric", "euclidean", "--refine", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "metric=euclidean iterations=5 refine=2" in out
+    assert {m for _, m in _table_rows(out)} == {"dense", "i-clustered-paper"}
+    assert main(["bench", "attention", "--refine", "-1"]) == 2
+    assert "--refine (-1) must be >= 0" in capsys.readouterr().err
