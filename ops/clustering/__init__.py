@@ -259,9 +259,17 @@ def attention_metric(k: torch.Tensor, heads: int | None = None,
 def metric_root(metric: torch.Tensor) -> torch.Tensor:
     """The symmetric square root ``M^½ = V √Λ Vᵀ`` of a symmetric positive semi-definite
     matrix (negative eigenvalues from rounding count as 0). Unique, so it does not depend on
-    the eigen-solver's choice of eigenvector signs. Shapes: (..., D, D) → (..., D, D)."""
-    evals, evecs = torch.linalg.eigh(metric)
-    return (evecs * evals.clamp_min(0).sqrt()[..., None, :]) @ evecs.transpose(-1, -2)
+    the eigen-solver's choice of eigenvector signs. Solved in float64 and returned in the
+    metric's dtype. A matrix with a NaN or infinite entry (keys that overflowed or hold NaN)
+    gets the identity, i.e. the Euclidean geometry, instead of an eigen-solver failure.
+
+    Shapes: (..., D, D) → (..., D, D)."""
+    m = metric.to(torch.float64)
+    finite = torch.isfinite(m).all(-1).all(-1)[..., None, None]
+    m = torch.where(finite, m, torch.eye(m.shape[-1], dtype=m.dtype, device=m.device))
+    evals, evecs = torch.linalg.eigh(m)
+    root = (evecs * evals.clamp_min(0).sqrt()[..., None, :]) @ evecs.transpose(-1, -2)
+    return root.to(metric.dtype)
 
 
 def _check_metric(metric: torch.Tensor | None, batch: list[int], dim: int) -> None:

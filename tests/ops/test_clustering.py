@@ -406,3 +406,20 @@ def test_bad_metric_inputs_raise_value_error():
         cl.cluster_queries(q, 2, refine=-1)
     with pytest.raises(ValueError, match=r"centre_mask has shape \(2, 9\); expected \(2, 10\)"):
         cl.cluster_queries(q, 2, metric=torch.eye(4), centre_mask=torch.ones(2, 9).bool())
+
+
+def test_non_finite_keys_fall_back_to_the_euclidean_geometry_instead_of_failing():
+    from clusterfx.ops.clustered import clustered_attention
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.eye(4).expand(3, 4, 4).clone()
+    m[1, 2, 2] = float("nan")
+    m[2, 0, 1] = float("inf")
+    root = cl.metric_root(m)
+    assert torch.equal(root, torch.eye(4).expand(3, 4, 4))
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=g) for _ in range(3))
+    k[0, 0, 3, 2] = float("nan")
+    out = clustered_attention(q, k, v, clusters=4, seed=0)  # no linalg error
+    assert out[0, 0].isnan().all()  # as dense attention: every row reads the NaN key
+    dense = torch.softmax(q[0, 1] @ k[0, 1].T / 8**0.5, -1) @ v[0, 1]
+    assert out[0, 1].isfinite().all() and dense.isfinite().all()
