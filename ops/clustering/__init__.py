@@ -16,6 +16,12 @@ Algorithm (fast-transformers' clustered attention, reference notes §1.1):
   An empty cluster is re-seeded with the code of a random valid query;
 * Euclidean k-means: the same loop on vectors, with means instead of votes.
 
+clusterfx's additions (``cluster_queries``): a ``metric`` M — ``attention_metric(k)``, the
+covariance of the valid keys, under which ``(x - y)ᵀ M (x - y)`` is the variance over the keys
+of two queries' logit gap — in which to cluster instead of the raw query space (the hash becomes
+the centred SimHash of ``q M^½``, k-means runs on ``q M^½``), and ``refine`` Lloyd steps after
+the clustering (``lloyd_refine``, distances in M).
+
 Padding: queries with ``valid = False`` join no vote, no mean and no count; they get assignment 0.
 More clusters than (valid) queries: C is clamped to the number of valid queries with a warning;
 the returned counts keep all C columns (the extra clusters stay empty) so shapes are static.
