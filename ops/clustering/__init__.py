@@ -327,7 +327,7 @@ def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int, step
         # (x - m)ᵀM(x - m) up to the per-query xᵀMx, which does not change the argmin; an
         # empty cluster's constant term is +inf, so no query joins it
         const = (means * mapped).sum(-1).masked_fill_(counts == 0, float("inf"))
-        a = torch.baddbmm(const[:, None, :], xf, mapped.transpose(1, 2), alpha=-2.0).argmin(-1)
+        a = cpu.nearest_centroids(xf, mapped, const)
     counts = torch.bincount((a + offsets).reshape(-1), minlength=rows * clusters)
     return a.view(*batch, n), counts.view(*batch, clusters)
 

@@ -22,6 +22,10 @@ import torch
 
 _FP32_EXACT = 2**24  # float32 represents every integer below this exactly
 _INT8_MIN_WORK = 2**16  # per-row N·C above which one int8 GEMM per row beats a batched fp32 GEMM
+# Distances are computed in blocks of queries of about this many bytes, so that the block the
+# GEMM writes is still in cache when argmin reads it (at N=16k, R=8, C=100 this halves the
+# time of a nearest-centroid step: the whole (R, N, C) matrix is 52 MB).
+_DIST_BLOCK_BYTES = 4 << 20
 
 
 def popcount(x: torch.Tensor) -> torch.Tensor:
@@ -212,6 +216,23 @@ def hamming_kmeans(hashes: torch.Tensor, init_idx: torch.Tensor, reseed_idx: tor
     return hamming_kmeans_signs(unpack_signs(hashes, bits), init_idx, reseed_idx, active, valid)
 
 
+def nearest_centroids(x: torch.Tensor, cent: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    """``argmin_c (const[r, c] - 2·x·cent[r, c])`` for every query (ties to the lowest c): the
+    nearest centroid when ``const = |c|²`` (or ``cᵀMc`` with ``cent = M c``), ``|x|²`` being
+    the same for every c. ``const = +inf`` keeps a cluster out. Blocked over the queries.
+
+    Shapes: x (R, N, D), cent (R, C, D), const (R, C) → (R, N) int64.
+    """
+    R, N, _ = x.shape
+    C = cent.shape[1]
+    ct = cent.transpose(1, 2)
+    chunk = max(256, _DIST_BLOCK_BYTES // (x.element_size() * R * C))
+    if chunk >= N:
+        return torch.baddbmm(const[:, None, :], x, ct, alpha=-2.0).argmin(-1)
+    return torch.cat([torch.baddbmm(const[:, None, :], x[:, s:s + chunk], ct, alpha=-2.0)
+                      .argmin(-1) for s in range(0, N, chunk)], 1)
+
+
 def euclidean_kmeans(x: torch.Tensor, init_idx: torch.Tensor, reseed_idx: torch.Tensor,
                      active: torch.Tensor,
                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +249,8 @@ def euclidean_kmeans(x: torch.Tensor, init_idx: torch.Tensor, reseed_idx: torch.
     x_flat = x.reshape(R * N, D)
     cent = gather_rows(init_idx)
     for t in range(reseed_idx.shape[0] + 1):
-        dist = (cent * cent).sum(-1)[:, None, :] - 2 * torch.bmm(x, cent.transpose(1, 2))
-        assign = dist.masked_fill(~active[:, None, :], float("inf")).argmin(-1)
+        const = (cent * cent).sum(-1).masked_fill(~active, float("inf"))
+        assign = nearest_centroids(x, cent, const)
         if t == reseed_idx.shape[0]:
             break
         offsets = torch.arange(R, device=x.device)[:, None] * C
