@@ -421,5 +421,4 @@ def test_non_finite_keys_fall_back_to_the_euclidean_geometry_instead_of_failing(
     k[0, 0, 3, 2] = float("nan")
     out = clustered_attention(q, k, v, clusters=4, seed=0)  # no linalg error
     assert out[0, 0].isnan().all()  # as dense attention: every row reads the NaN key
-    dense = torch.softmax(q[0, 1] @ k[0, 1].T / 8**0.5, -1) @ v[0, 1]
-    assert out[0, 1].isfinite().all() and dense.isfinite().all()
+    assert out[0, 1].isfinite().all()  # the other head's keys are finite: untouched
