@@ -12,6 +12,7 @@ from clusterfx.ops.clustering.checks import (
     check_float,
     check_impl,
     check_positive_int,
+    check_refine,
     check_seed,
     check_valid,
 )
@@ -56,8 +57,7 @@ def check_clustering_args(clusters, iterations, bits, seed, clustering, refine, 
     check_seed(seed)
     if clustering not in CLUSTERINGS:
         raise ValueError(f"clustering ({clustering!r}) must be one of {CLUSTERINGS}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine ({refine!r}) must be an int >= 0")
+    check_refine(refine)
     if metric not in METRICS:
         raise ValueError(f"metric ({metric!r}) must be one of {METRICS}")
     check_impl(impl)

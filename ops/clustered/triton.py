@@ -35,7 +35,6 @@ or cpu backends.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -43,6 +42,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
+
+from clusterfx.ops.clustering.triton import check_device, launch_ctx
 
 __all__ = ["centroid_attention", "topk_gather_attention", "cluster_broadcast", "cluster_mean"]
 
@@ -239,23 +240,6 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_device(kernel, **tensors: torch.Tensor | None) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    device = next(iter(devices.values()))
-    if any(d != device for d in devices.values()):
-        raise ValueError(f"all tensors must be on one device, got {devices}")
-    if device.type != "cuda" and not isinstance(kernel, InterpretedFunction):
-        raise ValueError(
-            f"Triton kernels need CUDA tensors, got {device}; set TRITON_INTERPRET=1 before "
-            "importing triton to run them on CPU"
-        )
-    return device
-
-
-def _launch_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
     if t.dtype not in _FLOATS:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
@@ -328,7 +312,7 @@ def centroid_attention(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if key_padding_mask.dtype != torch.bool or _shape(key_padding_mask) != (b, nk):
             raise ValueError(f"key_padding_mask must be bool (B, Nk) = ({b}, {nk}), got "
                              f"{key_padding_mask.dtype} {_shape(key_padding_mask)}")
-    device = _check_device(_centroid_attention_kernel, qc=qc, k=k, v=v,
+    device = check_device(_centroid_attention_kernel, qc=qc, k=k, v=v,
                            key_padding_mask=key_padding_mask)
     out = torch.empty(b, h, c, dv, dtype=qc.dtype, device=device)
     lse = torch.empty(b, h, c, dtype=torch.float32, device=device)
@@ -340,7 +324,7 @@ def centroid_attention(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         block_n = 32 if qc.dtype == torch.float32 else 64
     block_n = max(16, min(block_n, triton.next_power_of_2(max(nk, 1))))
     grid = (triton.cdiv(c, block_m), b * h)
-    with _launch_ctx(device):
+    with launch_ctx(device):
         wrap_triton(_centroid_attention_kernel)[grid](
             qc, k, v, mask if mask is not None else k, out, lse,
             *qc.stride(), *k.stride(), *v.stride(),
@@ -368,7 +352,7 @@ def topk_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx
     if mass is not None and (mass.dtype != torch.float32 or _shape(mass) != (b, h, nq)):
         raise ValueError(f"mass must be float32 (B, H, Nq) = ({b}, {h}, {nq}) or None, got "
                          f"{mass.dtype} {_shape(mass)}")
-    device = _check_device(_topk_gather_kernel, q=q, k=k, v=v, idx=idx, mass=mass)
+    device = check_device(_topk_gather_kernel, q=q, k=k, v=v, idx=idx, mass=mass)
     nk, kk, dv = k.shape[2], idx.shape[3], v.shape[3]
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=device)
     if out.numel() == 0:
@@ -376,7 +360,7 @@ def topk_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx
     block_m = max(1, min(block_m, triton.next_power_of_2(nq)))
     block_k = max(1, min(block_k, triton.next_power_of_2(max(kk, 1))))
     grid = (triton.cdiv(nq, block_m), b * h)
-    with _launch_ctx(device):
+    with launch_ctx(device):
         wrap_triton(_topk_gather_kernel)[grid](
             q, k, v, idx, mass if mass is not None else q, out,
             *q.stride(), *k.stride(), *v.stride(), *idx.stride(),
@@ -401,14 +385,14 @@ def cluster_broadcast(values: torch.Tensor, assignments: torch.Tensor, *, block_
                          f"{assignments.dtype} {_shape(assignments)}")
     if not 1 <= dv <= _MAX_HEAD_DIM:
         raise ValueError(f"head dim Dv ({dv}) must be in [1, {_MAX_HEAD_DIM}]")
-    device = _check_device(_cluster_broadcast_kernel, values=values, assignments=assignments)
+    device = check_device(_cluster_broadcast_kernel, values=values, assignments=assignments)
     nq = assignments.shape[2]
     out = torch.empty(b, h, nq, dv, dtype=values.dtype, device=device)
     if out.numel() == 0:
         return out
     block_m = max(1, min(block_m, triton.next_power_of_2(nq)))
     grid = (triton.cdiv(nq, block_m), b * h)
-    with _launch_ctx(device):
+    with launch_ctx(device):
         wrap_triton(_cluster_broadcast_kernel)[grid](
             values, assignments, out, *values.stride(), *assignments.stride(), *out.stride(),
             h, nq, c, dv, BLOCK_M=block_m, BLOCK_DV=_head_block(dv), num_warps=num_warps,
@@ -430,7 +414,7 @@ def cluster_mean(x: torch.Tensor, assignments: torch.Tensor, clusters: int, *,
         raise ValueError(f"clusters ({clusters!r}) must be a positive int")
     if not 1 <= d <= _MAX_HEAD_DIM:
         raise ValueError(f"head dim D ({d}) must be in [1, {_MAX_HEAD_DIM}]")
-    device = _check_device(_cluster_mean_kernel, x=x, assignments=assignments)
+    device = check_device(_cluster_mean_kernel, x=x, assignments=assignments)
     means = torch.empty(b, h, clusters, d, dtype=x.dtype, device=device)
     counts = torch.empty(b, h, clusters, dtype=torch.int64, device=device)
     if means.numel() == 0:
@@ -438,7 +422,7 @@ def cluster_mean(x: torch.Tensor, assignments: torch.Tensor, clusters: int, *,
     block_c = max(16, min(block_c, triton.next_power_of_2(clusters)))
     block_n = max(16, min(block_n, triton.next_power_of_2(max(n, 1))))
     grid = (triton.cdiv(clusters, block_c), b * h)
-    with _launch_ctx(device):
+    with launch_ctx(device):
         wrap_triton(_cluster_mean_kernel)[grid](
             x, assignments, means, counts, *x.stride(), *assignments.stride(),
             h, n, clusters, d, PRECISION=_precision(x.dtype),

@@ -41,6 +41,7 @@ from clusterfx.ops.clustering.checks import (
     check_hashes,
     check_planes,
     check_positive_int,
+    check_refine,
     check_seed,
     check_valid,
     resolve_impl,
@@ -100,8 +101,7 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor, impl: str = "auto",
     backend = resolve_impl(impl, x.device)
     counters[f"lsh_hash.{backend}"] += 1
     if metric is not None:
-        root = metric_root(metric.to(torch.float64 if x.dtype == torch.float64
-                                     else torch.float32)).expand(*batch, D, D)
+        root = _root_for(metric, x).expand(*batch, D, D)
         return (reference if backend == "reference" else cpu).lsh_hash(x, planes, root,
                                                                        centre_mask)
     if backend == "triton":
@@ -278,6 +278,11 @@ def metric_root(metric: torch.Tensor) -> torch.Tensor:
     return root.to(metric.dtype)
 
 
+def _root_for(metric: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``metric_root(metric)`` in x's working dtype (float64 for float64 x, float32 otherwise)."""
+    return metric_root(metric.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+
+
 def _check_metric(metric: torch.Tensor | None, batch: list[int], dim: int) -> None:
     if metric is None:
         return
@@ -357,8 +362,7 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
         raise ValueError(f"clustering ({clustering!r}) must be 'hamming' or 'kmeans'")
     check_bits(bits)
     _check_kmeans_args(clusters, iterations, seed, q.shape[-2])
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine ({refine!r}) must be an int >= 0")
+    check_refine(refine)
     *batch, N, D = q.shape
     _check_metric(metric, batch, D)
     check_valid(centre_mask, (*batch, N), "centre_mask")
@@ -366,8 +370,7 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     x = q.reshape(-1, N, D)
     centre = None if centre_mask is None else centre_mask.reshape(-1, N)
     m = _rows(metric, batch, D)
-    root = None if m is None else metric_root(m.to(torch.float64 if q.dtype == torch.float64
-                                                   else torch.float32))
+    root = None if m is None else _root_for(m, q)
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
     _clamp_warning(clusters, N, None)
     counters[f"cluster_queries.{clustering}.{backend}"] += 1

@@ -26,6 +26,12 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} ({value!r}) must be a positive integer (>= 1)")
 
 
+def check_refine(refine) -> None:
+    """Lloyd refinement steps: a Python int ≥ 0 (``bool`` is rejected)."""
+    if not _is_int(refine) or refine < 0:
+        raise ValueError(f"refine ({refine!r}) must be an int >= 0")
+
+
 def check_bits(bits) -> None:
     """Hash codes live in an int64, so 1..63 bits (the sign bit stays clear)."""
     if not _is_int(bits) or not 1 <= bits <= MAX_BITS:

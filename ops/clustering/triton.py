@@ -127,8 +127,10 @@ def _hamming_centroids_kernel(
     tl.store(cnt_ptr + row * C + cs, count.to(tl.int64), mask=c_ok)
 
 
-def _check_device(kernel, **tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
+def check_device(kernel, **tensors: torch.Tensor | None) -> torch.device:
+    """The one device of the given tensors (None entries skipped); CUDA unless ``kernel`` runs
+    in the interpreter (TRITON_INTERPRET=1). Shared with ``clusterfx.ops.clustered.triton``."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
     device = next(iter(devices.values()))
     if any(d != device for d in devices.values()):
         raise ValueError(f"all tensors must be on one device, got {devices}")
@@ -152,7 +154,7 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits ({bits!r}) must be an int in [1, {_MAX_BITS}]")
 
 
-def _launch_ctx(device: torch.device):
+def launch_ctx(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -176,7 +178,7 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor, *, block_m: int = 64,
     if planes.shape[1] != d + 1:
         raise ValueError(f"planes has {planes.shape[1]} columns, expected D+1 = {d + 1}")
     _check_bits(planes.shape[0])
-    device = _check_device(_lsh_hash_kernel, x=x, planes=planes)
+    device = check_device(_lsh_hash_kernel, x=x, planes=planes)
     out = torch.empty(x.shape[:-1], dtype=torch.int64, device=device)
     x2 = x.reshape(-1, d)
     m = x2.shape[0]
@@ -186,7 +188,7 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor, *, block_m: int = 64,
     block_d = max(16, min(64, triton.next_power_of_2(d)))
     block_b = max(16, triton.next_power_of_2(planes.shape[0]))
     grid = (triton.cdiv(m, block_m),)
-    with _launch_ctx(device):
+    with launch_ctx(device):
         wrap_triton(_lsh_hash_kernel)[grid](
             x2, planes, out, m, d, planes.shape[0],
             x2.stride(0), x2.stride(1), planes.stride(0), planes.stride(1),
@@ -212,7 +214,7 @@ def hamming_assign(hashes: torch.Tensor, centroids: torch.Tensor, *, block_n: in
     if c < 1:
         raise ValueError(f"centroids must hold at least one cluster, got shape "
                          f"{tuple(centroids.shape)}")
-    device = _check_device(_hamming_assign_kernel, hashes=hashes, centroids=centroids)
+    device = check_device(_hamming_assign_kernel, hashes=hashes, centroids=centroids)
     h2 = hashes.reshape(-1, n).contiguous()
     c2 = centroids.reshape(-1, c).contiguous()
     out = torch.empty(hashes.shape, dtype=torch.int64, device=device)
@@ -221,7 +223,7 @@ def hamming_assign(hashes: torch.Tensor, centroids: torch.Tensor, *, block_n: in
     block_n = max(16, min(block_n, triton.next_power_of_2(n)))
     block_c = max(16, min(block_c, triton.next_power_of_2(c)))
     grid = (triton.cdiv(n, block_n), h2.shape[0])
-    with _launch_ctx(device):
+    with launch_ctx(device):
         wrap_triton(_hamming_assign_kernel)[grid](
             h2, c2, out, n, c, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
         )
@@ -245,7 +247,7 @@ def hamming_centroids(hashes: torch.Tensor, assignments: torch.Tensor, clusters:
     if not isinstance(clusters, int) or clusters < 1:
         raise ValueError(f"clusters ({clusters!r}) must be a positive int")
     _check_bits(bits)
-    device = _check_device(_hamming_centroids_kernel, hashes=hashes, assignments=assignments)
+    device = check_device(_hamming_centroids_kernel, hashes=hashes, assignments=assignments)
     n = hashes.shape[-1]
     h2 = hashes.reshape(-1, n).contiguous()
     a2 = assignments.reshape(-1, n).contiguous()
@@ -256,7 +258,7 @@ def hamming_centroids(hashes: torch.Tensor, assignments: torch.Tensor, clusters:
         return centroids, counts
     block_c = max(16, min(block_c, triton.next_power_of_2(clusters)))
     grid = (triton.cdiv(clusters, block_c), h2.shape[0])
-    with _launch_ctx(device):
+    with launch_ctx(device):
         wrap_triton(_hamming_centroids_kernel)[grid](
             h2, a2, centroids, counts, n, clusters, bits,
             BLOCK_N=max(16, block_n), BLOCK_C=block_c,
