@@ -9,23 +9,33 @@ if __name__ != "clusterfx":  # pragma: no cover - pytest imports the checkout un
 
     _sys.modules[__name__] = _importlib.import_module("clusterfx")
 else:
-    from .compiler.api import CompiledFunction, CompiledModule, compile, explain, transform
-    from .compiler.configs import (
+    from clusterfx.compiler.api import (
+        CompiledFunction,
+        CompiledModule,
+        compile,
+        explain,
+        transform,
+    )
+    from clusterfx.compiler.equivalence import EquivalenceResult, check_equivalence
+    from clusterfx.compiler.report import Report
+    from clusterfx.config import (
         AttentionConfig,
         Auto,
         Clustered,
         Dense,
         ImprovedClustered,
         PatchToCluster,
+        Policy,
+        PolicyError,
+        SequenceParallel,
+        Status,
         TopK,
     )
-    from .compiler.equivalence import EquivalenceResult, check_equivalence
-    from .compiler.policy import Policy
-    from .compiler.report import Report
 
     __all__ = [
-        "compile", "transform", "explain", "Policy", "Report", "AttentionConfig", "Dense",
-        "Clustered", "ImprovedClustered", "TopK", "PatchToCluster", "Auto", "CompiledModule",
-        "CompiledFunction", "check_equivalence", "EquivalenceResult",
+        "compile", "transform", "explain", "Policy", "PolicyError", "Report", "Status",
+        "AttentionConfig", "Dense", "Clustered", "ImprovedClustered", "TopK", "PatchToCluster",
+        "Auto", "SequenceParallel", "CompiledModule", "CompiledFunction", "check_equivalence",
+        "EquivalenceResult",
     ]
     __version__ = "0.1.0"

@@ -1,8 +1,8 @@
-"""`python -m clusterfx` and the `clusterfx` console script: see `compiler/cli.py`."""
+"""`python -m clusterfx` and the `clusterfx` console script: see `cli/__init__.py`."""
 
 import sys
 
-from clusterfx.compiler.cli import main
+from clusterfx.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

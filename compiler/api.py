@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..passes.lower import PolicyError
-from .backend import LAST_STATE, ClusterfxBackend, CompileState, check_backend
-from .pipeline import check_stop_after
-from .policy import Policy
-from .report import Report, Row
+from clusterfx.compiler.backend import LAST_STATE, ClusterfxBackend, check_backend
+from clusterfx.compiler.mesh import mesh_key
+from clusterfx.compiler.pass_manager import check_stop_after
+from clusterfx.compiler.report import Report, Row
+from clusterfx.compiler.state import CompileState
+from clusterfx.config.policy import Policy
+from clusterfx.config.vocabulary import PolicyError
+from clusterfx.passes.sequence_parallel import NOT_AVAILABLE
 
 
 @contextlib.contextmanager
@@ -82,9 +86,11 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
         raise TypeError(f"model ({type(model).__name__}) must be an nn.Module or a callable")
     resolved = Policy.make(policy, strict=strict)
     check_backend(backend)
-    if mesh is not None:
-        raise NotImplementedError("sequence parallelism (mesh=...) is not available yet")
-    state = CompileState(resolved, backend, Path(dump_dir) if dump_dir is not None else None)
+    key = mesh_key(mesh)
+    if key is not None:
+        warnings.warn(f"mesh={mesh!r}: {NOT_AVAILABLE}", stacklevel=2)
+    state = CompileState(resolved, backend, Path(dump_dir) if dump_dir is not None else None,
+                         mesh=mesh, mesh_key=key)
     compiled = torch.compile(model, backend=ClusterfxBackend(state), **torch_compile_kwargs)
     if isinstance(model, torch.nn.Module):
         return CompiledModule(model, compiled, state)
@@ -124,15 +130,10 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
 
 def _report(state: CompileState) -> Report:
     records = state.latest_records()
-    rows = []
-    for rec in records:
-        # a recompiled graph replaces its earlier versions; their run-time path counts add up
-        earlier = [r for r in state.records if r.compile_id == rec.compile_id and r is not rec]
-        for i, site in enumerate(rec.sites):
-            same = [r.sites[i] for r in earlier if len(r.sites) == len(rec.sites)
-                    and r.sites[i].fqn == site.fqn]
-            ids = [s.extra["runtime_id"] for s in [*same, site] if "runtime_id" in s.extra]
-            rows.append(Row(site, runtime_ids=ids))
+    # a recompiled graph replaces its earlier record; its sites keep their telemetry names,
+    # so run-time path counts of all versions add up
+    rows = [Row(site, state.telemetry.paths(site.runtime_tag) if site.runtime_tag else {})
+            for rec in records for site in rec.sites]
     paths = [r.fqn for r in rows]
     return Report(rows=rows, unmatched_keys=state.policy.unmatched_keys(paths),
                   graphs=len(records), compiles=len(state.records),

@@ -17,7 +17,7 @@ from xml.sax.saxutils import escape, quoteattr
 import torch
 import torch.fx as fx
 
-from ..passes.site import SITE_META
+from clusterfx.passes.site import SITE_META
 
 ANCESTOR_DEPTH = 4
 USER_DEPTH = 2

@@ -7,8 +7,7 @@ from typing import Any
 
 import sympy
 
-from ..ops.conditional import site_paths
-from ..passes.site import Site
+from clusterfx.passes.site import Site
 
 _COLUMNS = ("fqn", "spelling", "shapes", "mask", "causal", "rewrite", "status", "flops",
             "memory", "ran", "reason")
@@ -28,7 +27,9 @@ def _human(x: float) -> str:
 @dataclass
 class Row:
     site: Site
-    runtime_ids: list[str] = field(default_factory=list)  # this site's ops across recompiles
+    # which path the rewritten op took at run time, and how often (approximate, or exact below
+    # `min_length` / for a mask that is not key padding), with the implementation that ran
+    paths: dict[str, int] = field(default_factory=dict)
 
     @property
     def fqn(self) -> str:
@@ -50,26 +51,13 @@ class Row:
     def reason(self) -> str:
         return self.site.reason
 
-    @property
-    def paths(self) -> dict[str, int]:
-        """Which path the rewritten op took at run time, and how often (approximate, or exact
-        below `min_length` / for a mask that is not key padding)."""
-        ids = self.runtime_ids or [self.site.extra.get("runtime_id")]
-        total: dict[str, int] = {}
-        for site_id in ids:
-            for path, n in site_paths.get(site_id, {}).items():
-                total[path] = total.get(path, 0) + n
-        return total
-
     def costs(self) -> dict[str, Any]:
         """Symbolic FLOPs/bytes before and after, and their values at the observed shapes."""
-        hints = self.site.extra.get("hints", {})
         out: dict[str, Any] = {}
-        for when in ("before", "after"):
-            cost = self.site.extra.get(f"cost_{when}")
+        for when, cost in (("before", self.site.cost_before), ("after", self.site.cost_after)):
             if cost is None:
                 continue
-            flops, memory = cost.at(hints)
+            flops, memory = cost.at(self.site.hints)
             out[f"flops_{when}"] = sympy.simplify(cost.flops)
             out[f"memory_{when}"] = sympy.simplify(cost.memory)
             out[f"flops_{when}_value"] = flops
@@ -85,9 +73,10 @@ class Row:
             "k_shape": [str(d) for d in s.k_shape], "v_shape": [str(d) for d in s.v_shape],
             "dtype": s.dtype, "mask": s.mask, "causal": s.causal, "scale": _jsonable(s.scale),
             "dropout_p": s.dropout_p, "gqa_groups": s.gqa_groups, "rewrite": s.rewrite,
-            "policy_key": s.policy_key, "status": s.status, "reason": s.reason,
+            "policy_key": s.policy_key, "status": s.status.value, "reason": s.reason,
             "probs_used_by": list(s.probs_used_by), "graph": s.graph_index,
-            "paths": self.paths, "min_length": s.extra.get("min_length"), **costs,
+            "config": None if s.config is None else s.config.to_dict(),
+            "paths": self.paths, "min_length": s.min_length, "crossover": s.crossover, **costs,
         }
 
     def cells(self) -> list[str]:
@@ -102,7 +91,7 @@ class Row:
         mask = s.mask + (f"{_fmt_shape(s.mask_shape)}" if s.mask != "none" else "")
         ran = ", ".join(f"{path} x{n}" for path, n in self.paths.items())
         return [s.fqn or "<root>", s.spelling, shapes, mask, "yes" if s.causal else "no",
-                s.rewrite, s.status, flops, memory, ran, s.reason]
+                s.rewrite, s.status.value, flops, memory, ran, s.reason]
 
 
 def _jsonable(x: Any) -> Any:

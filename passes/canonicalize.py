@@ -28,13 +28,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..ops.attention import attention as canonical_attention
-from . import attention_reading as rd
-from . import graph_utils as gu
-from .attention_reading import NotAttention, Unsupported
-from .einsum_spec import EinsumNotAttention, read_scores, read_values
-from .mask_analysis import evaluate_static, is_causal_pattern
-from .site import SITE_META, UNSUPPORTED, Site, hints_of, shape_of
+from clusterfx.config.vocabulary import Decline, Status
+from clusterfx.ops.attention import attention as canonical_attention
+from clusterfx.passes.analysis import attention_reading as rd
+from clusterfx.passes.analysis import graph_utils as gu
+from clusterfx.passes.analysis.einsum_spec import read_scores, read_values
+from clusterfx.passes.analysis.mask_analysis import evaluate_static, is_causal_pattern
+from clusterfx.passes.base import GraphPass, PassContext, PassResult
+from clusterfx.passes.site import SITE_META, Site, hints_of, shape_of
 
 _MIN_FILL = -1e4  # a fill at or below this is a mask, not a score edit
 
@@ -74,7 +75,10 @@ class Canonicalizer:
         self._positions = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     # forward side: softmax -> (casts, dropout) -> probs @ v
-    def forward_side(self, sm: fx.Node) -> tuple[fx.Node, float, list[fx.Node], list[str]]:
+    def forward_side(self, sm: fx.Node
+                     ) -> tuple[fx.Node, float, list[fx.Node], list[str]] | None:
+        """(probs @ v node, dropout p, the softmax chain, other users of the probabilities), or
+        None when the softmax is not an attention (classifier head, gate, router...)."""
         cur, dropout_p, chain, others = sm, 0.0, [sm], []
         while True:
             nxt = [u for u in cur.users if rd.is_cast(u) or rd.dropout_or_none(u) is not None]
@@ -85,11 +89,11 @@ class Canonicalizer:
                     others += [u.name for u in pv[1:]]
                 return pv[0], dropout_p, chain, others
             if len(nxt) != 1:
-                raise NotAttention("softmax output is not multiplied with values")
+                return None  # the probabilities are not multiplied with values
             p = rd.dropout(nxt[0])
             if p is not None:
                 if dropout_p and p:
-                    raise Unsupported("two dropouts on the attention probabilities")
+                    raise Decline("two dropouts on the attention probabilities")
                 dropout_p = p or dropout_p
             others += [u.name for u in pv]
             cur = nxt[0]
@@ -99,10 +103,10 @@ class Canonicalizer:
     def backward_side(self, x: Any, match: Match) -> fx.Node:
         while True:
             if not isinstance(x, fx.Node):
-                raise Unsupported("scores are not a tensor computed in this graph")
+                raise Decline("scores are not a tensor computed in this graph")
             written = gu.inplace_users(x)
             if any(not rd.feeds(u, match.chain) for u in written):
-                raise Unsupported(f"scores are modified in place by {written[0].name}")
+                raise Decline(f"scores are modified in place by {written[0].name}")
             match.chain.add(x)
             if rd.is_cast(x):
                 x = x.args[0]
@@ -110,7 +114,7 @@ class Canonicalizer:
                 a, b = x.args[0], x.args[1]
                 alpha = x.kwargs.get("alpha", 1)
                 if alpha != 1:
-                    raise Unsupported("add with alpha on the scores")
+                    raise Decline("add with alpha on the scores")
                 if gu.is_scalar_like(b) or gu.is_scalar_like(a):  # softmax is shift-invariant
                     x = a if gu.is_scalar_like(b) else b
                     continue
@@ -119,13 +123,13 @@ class Canonicalizer:
                 elif rd.reaches_scores(b):
                     x, mask = b, a
                 else:
-                    raise Unsupported("scores are a sum of two non-matmul tensors")
+                    raise Decline("scores are a sum of two non-matmul tensors")
                 match.masks.append(MaskTerm(mask, "add", outer=list(match.factors)))
             elif gu.is_method(x, "masked_fill", "masked_fill_") or gu.is_function(
                     x, torch.masked_fill):
                 fill = rd.fill_value(gu.arg(x, 2, "value"), self.concrete)
                 if fill is None or fill > _MIN_FILL:
-                    raise Unsupported(f"masked_fill with value {fill!r} (not a mask: a mask fills "
+                    raise Decline(f"masked_fill with value {fill!r} (not a mask: a mask fills "
                                       f"with -inf or a value <= {_MIN_FILL:g})")
                 match.masks.append(MaskTerm(x.args[1], "drop", fill, list(match.factors),
                                             gu.value_of(x).dtype))
@@ -137,15 +141,15 @@ class Canonicalizer:
                 elif isinstance(b, fx.Node) and rd.reaches_scores(b):
                     kind, fill, x = "drop", rd.fill_value(a, self.concrete), b
                 else:
-                    raise Unsupported("torch.where on the scores without a matmul branch")
+                    raise Decline("torch.where on the scores without a matmul branch")
                 if fill is None or fill > _MIN_FILL:
-                    raise Unsupported(f"torch.where fills scores with {fill!r}, not a mask value")
+                    raise Decline(f"torch.where fills scores with {fill!r}, not a mask value")
                 match.masks.append(MaskTerm(cond, kind, fill, list(match.factors),
                                             gu.value_of(x).dtype))
             elif gu.is_function(x, *gu.MUL_FUNCS) or gu.is_method(x, "mul"):
                 split = rd.scalar_operand(x)
                 if split is None:
-                    raise Unsupported("scores multiplied by a tensor (not a scalar scale)")
+                    raise Decline("scores multiplied by a tensor (not a scalar scale)")
                 x = split[0]
                 match.factors.append(split[1])
             elif (gu.is_function(x, *gu.DIV_FUNCS) or gu.is_method(x, "div")) and \
@@ -155,15 +159,12 @@ class Canonicalizer:
             elif rd.is_score_producer(x):
                 return x
             else:
-                raise Unsupported(f"scores pass through {rd.describe(x)} before the softmax")
+                raise Decline(f"scores pass through {rd.describe(x)} before the softmax")
 
     def read_qk(self, producer: fx.Node, match: Match) -> None:
         if gu.is_function(producer, *gu.EINSUMS):
             eq, ops = rd.einsum_parts(producer)
-            try:
-                spec = read_scores(eq, [gu.ndim(o) or 0 for o in ops])
-            except EinsumNotAttention as exc:
-                raise Unsupported(str(exc)) from None
+            spec = read_scores(eq, [gu.ndim(o) or 0 for o in ops])
             match.spelling = "einsum"
             match.q = ("permute", rd.peel_scale(ops[0], match.factors), spec.perm_a)
             match.k = ("permute", rd.peel_scale(ops[1], match.factors), spec.perm_b)
@@ -173,7 +174,7 @@ class Canonicalizer:
             beta = gu.static_number(producer.kwargs.get("beta", 1))
             alpha = producer.kwargs.get("alpha", 1)
             if beta not in (0.0, 1.0):
-                raise Unsupported(f"baddbmm with beta={beta!r}")
+                raise Decline(f"baddbmm with beta={beta!r}")
             if beta == 1.0:
                 match.masks.append(MaskTerm(bias, "add", outer=list(match.factors)))
             if alpha != 1:
@@ -192,10 +193,7 @@ class Canonicalizer:
         if gu.is_function(pv, *gu.EINSUMS):
             eq, ops = rd.einsum_parts(pv)
             first = ops[0] is probs
-            try:
-                spec = read_values(eq, [gu.ndim(o) or 0 for o in ops], first)
-            except EinsumNotAttention as exc:
-                raise Unsupported(str(exc)) from None
+            spec = read_values(eq, [gu.ndim(o) or 0 for o in ops], first)
             match.v = ("permute", ops[1] if first else ops[0], spec.perm_v)
             if spec.perm_out != tuple(range(len(spec.perm_out))):
                 match.out_perm = spec.perm_out
@@ -287,7 +285,7 @@ class Canonicalizer:
         zeros = self.editor.call(torch.zeros_like, (drop,), {"dtype": dtype}, like=like)
         return self.editor.call("masked_fill", (zeros, drop, fill), like=like, method=True)
 
-    def emit(self, match: Match, anchor: fx.Node, like: fx.Node, extra_mask=None) -> fx.Node:
+    def emit(self, match: Match, anchor: fx.Node, like: fx.Node) -> tuple[fx.Node, fx.Node]:
         """Insert the canonical node before `anchor` and return it (or its output permute)."""
         with self.gm.graph.inserting_before(anchor):
             q = self.materialise(match.q, like)
@@ -297,8 +295,6 @@ class Canonicalizer:
             match.enable_gqa = match.enable_gqa or groups > 1
             scale, q = self.scale_value(match.factors, like, q)
             mask, causal = self.combine_masks(match.masks, like)
-            if extra_mask is not None:
-                mask = extra_mask
             match.is_causal = match.is_causal or causal
             node = self.editor.call(
                 canonical_attention,
@@ -322,6 +318,26 @@ def _static_scale_ok(term: MaskTerm) -> bool:
 
 
 # --------------------------------------------------------------------------- the pass
+
+class Canonicalize(GraphPass):
+    """every attention spelling → one `clusterfx::attention` node carrying a `Site`.
+    Counters: `canonical`, `unsupported`; declines: the unsupported sites and why."""
+
+    name = "canonicalize"
+
+    def source_modules(self) -> list[str]:
+        return [__name__, rd.__name__, gu.__name__, evaluate_static.__module__,
+                read_scores.__module__]
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(self.name)
+        for site in canonicalize_attention(gm, ctx.concrete, ctx.graph_index):
+            ctx.sites.append(site)
+            result.counters[site.status.name.lower()] += 1
+            if site.status is Status.UNSUPPORTED:
+                result.declines.append((site.fqn, site.reason))
+        return result
+
 
 def canonicalize_attention(gm: fx.GraphModule, concrete: dict[fx.Node, Any] | None = None,
                            graph_index: int = 0) -> list[Site]:
@@ -352,17 +368,18 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
     if nd is None or not isinstance(dim, int) or dim % nd != nd - 1:
         return None
     try:
-        pv, dropout_p, chain, others = canon.forward_side(sm)
-    except NotAttention:
-        return None
-    except Unsupported as exc:
+        forward = canon.forward_side(sm)
+    except Decline as exc:
         return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
+    if forward is None:
+        return None
+    pv, dropout_p, chain, others = forward
     match = Match("matmul", None, None, None, dropout_p=dropout_p)
     try:
         producer = canon.backward_side(scores, match)
         canon.read_qk(producer, match)
         canon.read_v(pv, chain[-1], match)
-    except Unsupported as exc:
+    except Decline as exc:
         if not rd.has_score_ancestor(scores):
             return None  # e.g. softmax(linear(x)).mT @ x: pooling, not q·kᵀ attention
         return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
@@ -373,7 +390,7 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
     site = Site(gu.module_path(sm), match.spelling, graph_index=graph_index)
     if others:
         site.probs_used_by = tuple(others)
-        site.mark(UNSUPPORTED, "attention probabilities are also used by "
+        site.mark(Status.UNSUPPORTED, "attention probabilities are also used by "
                   f"{', '.join(others)}; no rewrite yields them, left as written")
         _fill_shapes(site, *(rd.node_of(r) for r in (match.q, match.k, match.v)))
         return site
@@ -393,7 +410,7 @@ def _canonicalize_sdpa(canon: Canonicalizer, node: fx.Node, graph_index: int) ->
     gqa = gu.arg(node, 7, "enable_gqa", False)
     site = Site(gu.module_path(node), "sdpa", graph_index=graph_index)
     if not isinstance(is_causal, bool) or gu.static_number(dropout_p) is None:
-        site.mark(UNSUPPORTED, "non-constant is_causal or dropout_p")
+        site.mark(Status.UNSUPPORTED, "non-constant is_causal or dropout_p")
         return site
     match = Match("sdpa", q, k, v, dropout_p=float(dropout_p), is_causal=is_causal,
                   enable_gqa=bool(gqa))
@@ -432,7 +449,7 @@ def _fill_shapes(site: Site, q, k=None, v=None, mask=None) -> None:
     site.q_shape = shape_of(gu.value_of(q))
     site.k_shape = shape_of(gu.value_of(k))
     site.v_shape = shape_of(gu.value_of(v))
-    site.extra["hints"] = hints_of(*(gu.value_of(x) for x in (q, k, v)))
+    site.hints = hints_of(*(gu.value_of(x) for x in (q, k, v)))
     val = gu.value_of(q)
     site.dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else ""
     if mask is not None:
@@ -443,7 +460,7 @@ def _fill_shapes(site: Site, q, k=None, v=None, mask=None) -> None:
 
 def _unsupported(node: fx.Node, spelling: str, reason: str, graph_index: int) -> Site:
     site = Site(gu.module_path(node), spelling, graph_index=graph_index)
-    site.mark(UNSUPPORTED, reason)
+    site.mark(Status.UNSUPPORTED, reason)
     _fill_shapes(site, node)
     return site
 

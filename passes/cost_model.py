@@ -1,41 +1,26 @@
 """Symbolic FLOP and memory estimates per attention site and rewrite (sympy expressions over
 the site's shapes, evaluated at the observed sizes for the report).
 
-Shapes: q (B, H, Nq, D), v (B, Hk, Nk, Dv); leading dims multiply into one batch-head count.
-- dense, materialised (a manual spelling): FLOPs 2·BH·Nq·Nk·(D + Dv), memory 2·BH·Nq·Nk scores
-  and probabilities (bytes = elements · itemsize).
-- dense, fused SDPA: same FLOPs, memory BH·Nq·(Dv + 1) (output and log-sum-exp).
-- clustered (C clusters, I iterations, b bits, R refine steps): hashing 2·BH·Nq·D·b, K-means
-  I·BH·Nq·C, refinement R·2·BH·Nq·C·D, centroid attention 2·BH·C·Nk·(D + Dv), and with the
-  attention metric the keys' covariance 2·BH·min(Nk, 4096)·D²; memory BH·C·Nk + BH·Nq·Dv.
-- improved clustered adds 2·BH·Nq·k·(D + Dv) FLOPs and BH·Nq·k memory.
-- top-k: 2·BH·Nq·Nk·D scores (chunked), 2·BH·Nq·k·Dv; memory BH·chunk·Nk + BH·Nq·k.
+Shapes: q (B, H, Nq, D), v (B, Hk, Nk, Dv); leading dims multiply into one batch-head count BH.
+Exact attention is the baseline and is estimated here:
+- materialised (a manual spelling): FLOPs 2·BH·Nq·Nk·(D + Dv), memory 2·BH·Nq·Nk scores and
+  probabilities (bytes = elements · itemsize);
+- fused SDPA: same FLOPs, memory BH·Nq·(Dv + 1) (output and log-sum-exp).
+Every rewrite registers its own formula beside its lowering (`register_cost`), with
+an efficiency (time per FLOP relative to fused dense attention) that `Auto` uses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import sympy
 
-from ..compiler.configs import (
-    AttentionConfig,
-    Clustered,
-    Dense,
-    ImprovedClustered,
-    PatchToCluster,
-    TopK,
-)
-from ..ops.clustering import METRIC_KEYS
+from clusterfx.config.configs import AttentionConfig, Dense
 
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-
-
-# Time per FLOP relative to fused dense attention, measured on the CPU benchmark
-# (`clusterfx bench attention`: N=16k, H=8, D=64, C=100 ran 27x faster than SDPA for 121x
-# fewer FLOPs). `Auto` compares flops / efficiency.
-EFFICIENCY = {"dense": 1.0, "clustered": 0.22, "improved_clustered": 0.22}
 
 
 @dataclass(frozen=True)
@@ -48,66 +33,98 @@ class Cost:
                 float(sympy.sympify(self.memory).xreplace(hints)))
 
 
-def _dims(site) -> tuple[Any, Any, Any, Any, Any]:
-    q, v = site.q_shape, site.v_shape
+@dataclass(frozen=True)
+class Dims:
+    """A site's sizes for the formulas: batch·heads, lengths, head dims, bytes per element."""
+
+    bh: Any
+    nq: Any
+    nk: Any
+    d: Any
+    dv: Any
+    itemsize: int
+
+    def dense_flops(self) -> Any:
+        return 2 * self.bh * self.nq * self.nk * (self.d + self.dv)
+
+
+CostFormula = Callable[[Dims, AttentionConfig], Cost]
+
+
+@dataclass(frozen=True)
+class CostEntry:
+    formula: CostFormula
+    efficiency: float  # time per FLOP relative to fused dense attention (for Auto)
+
+
+COSTS: dict[type, CostEntry] = {}
+
+
+def register_cost(config_type: type, efficiency: float = 1.0
+                  ) -> Callable[[CostFormula], CostFormula]:
+    """Register the cost formula of a rewrite, beside its lowering."""
+    if not (isinstance(config_type, type) and issubclass(config_type, AttentionConfig)):
+        raise TypeError(f"cost formulas are keyed by an AttentionConfig subclass, got "
+                        f"{config_type!r}")
+
+    def wrap(fn: CostFormula) -> CostFormula:
+        COSTS[config_type] = CostEntry(fn, efficiency)
+        return fn
+    return wrap
+
+
+def cost_for(config: AttentionConfig) -> CostEntry | None:
+    """The formula registered for the config's type or its nearest base."""
+    return next((COSTS[c] for c in type(config).__mro__ if c in COSTS), None)
+
+
+def dims_of(q_shape: tuple, v_shape: tuple, dtype: str) -> Dims | None:
+    if len(q_shape) < 3 or len(v_shape) < 3:
+        return None
     bh = sympy.Integer(1)
-    for d in q[:-2]:
+    for d in q_shape[:-2]:
         bh = bh * d
-    return bh, q[-2], v[-2], q[-1], v[-1]
+    return Dims(bh, q_shape[-2], v_shape[-2], q_shape[-1], v_shape[-1],
+                _ITEMSIZE.get(dtype, 4))
+
+
+def dense_cost(dims: Dims, fused: bool) -> Cost:
+    mem = dims.bh * dims.nq * (dims.dv + 1) if fused else 2 * dims.bh * dims.nq * dims.nk
+    return Cost(dims.dense_flops(), mem * dims.itemsize)
 
 
 def estimate(site, config: AttentionConfig | None, fused: bool) -> Cost:
-    """Cost of running `site` as `config` (None or Dense: exact attention)."""
-    if len(site.q_shape) < 3 or len(site.v_shape) < 3:
+    """Cost of running `site` as `config` (None or Dense: exact attention). A config without a
+    registered formula is estimated as materialised exact attention."""
+    dims = dims_of(site.q_shape, site.v_shape, site.dtype)
+    if dims is None:
         return Cost(sympy.Integer(0), sympy.Integer(0))
-    bh, nq, nk, d, dv = _dims(site)
-    size = _ITEMSIZE.get(site.dtype, 4)
-    dense_flops = 2 * bh * nq * nk * (d + dv)
     if config is None or isinstance(config, Dense):
-        mem = bh * nq * (dv + 1) if fused else 2 * bh * nq * nk
-        return Cost(dense_flops, mem * size)
-    if isinstance(config, Clustered):
-        c = sympy.Min(config.clusters, nq)
-        flops = 2 * bh * nq * d * config.bits + config.iterations * bh * nq * c \
-            + 2 * bh * c * nk * (d + dv) + config.refine * 2 * bh * nq * c * d
-        if config.metric == "attention":
-            flops += 2 * bh * sympy.Min(nk, METRIC_KEYS) * d * d
-        mem = bh * c * nk + bh * nq * dv
-        if isinstance(config, ImprovedClustered):
-            k = sympy.Min(config.topk, nk)
-            flops += 2 * bh * nq * k * (d + dv)
-            mem += bh * nq * k
-        return Cost(flops, mem * size)
-    if isinstance(config, TopK):
-        k = sympy.Min(config.k, nk)
-        chunk = sympy.Min(config.chunk_size, nq)
-        return Cost(2 * bh * nq * nk * d + 2 * bh * nq * k * dv,
-                    (bh * chunk * nk + bh * nq * k) * size)
-    if isinstance(config, PatchToCluster):
-        m = sympy.Integer(config.clusters)
-        return Cost(2 * bh * nq * m * (d + dv), 2 * bh * nq * m * size)
-    return Cost(dense_flops, 2 * bh * nq * nk * size)
+        return dense_cost(dims, fused)
+    entry = cost_for(config)
+    if entry is None:
+        return dense_cost(dims, fused=False)
+    return entry.formula(dims, config)
 
 
-def crossover_length(site, config: Clustered, limit: int = 1 << 24) -> int | None:
+def crossover_length(site, config: AttentionConfig, limit: int = 1 << 24) -> int | None:
     """The smallest self-attention length N (Nq = Nk = N) at which `config` is estimated to be
     faster than exact attention for this site's batch, heads and head dims; None if never
-    below `limit`. Symbolic dims are taken at their observed values."""
-    hints = site.extra.get("hints", {})
-    q = [int(sympy.sympify(d).xreplace(hints)) for d in site.q_shape]
-    v = [int(sympy.sympify(d).xreplace(hints)) for d in site.v_shape]
+    below `limit` (or `config` has no cost formula). Symbolic dims are taken at their observed
+    values."""
+    entry = cost_for(config)
+    if entry is None:
+        return None
+    q = [int(sympy.sympify(d).xreplace(site.hints)) for d in site.q_shape]
+    v = [int(sympy.sympify(d).xreplace(site.hints)) for d in site.v_shape]
     bh = 1
     for d in q[:-2]:
         bh *= d
-    d, dv = q[-1], v[-1]
-    efficiency = EFFICIENCY.get(config.name, 1.0)
 
     def cheaper(n: int) -> bool:
-        probe = type(site)(site.fqn, site.spelling, q_shape=(bh, n, d), v_shape=(bh, n, dv),
-                           dtype=site.dtype)
-        dense = float(estimate(probe, None, fused=True).flops)
-        approx = float(estimate(probe, config, fused=True).flops) / efficiency
-        return approx < dense
+        dims = dims_of((bh, n, q[-1]), (bh, n, v[-1]), site.dtype)
+        dense = float(dense_cost(dims, fused=True).flops)
+        return float(entry.formula(dims, config).flops) / entry.efficiency < dense
 
     n = 16
     while n <= limit and not cheaper(n):

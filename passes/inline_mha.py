@@ -19,13 +19,15 @@ as it is, with a reason recorded for the report. The fast path
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import GraphEditor, arg, module_path, value_of
+from clusterfx.config.vocabulary import Status
+from clusterfx.passes.analysis.graph_utils import GraphEditor, arg, module_path, value_of
+from clusterfx.passes.base import GraphPass, PassContext, PassResult
+from clusterfx.passes.site import Site
 
 MHA_FORWARD = F.multi_head_attention_forward
 
@@ -34,15 +36,6 @@ _NAMES = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_w
           "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
           "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
           "static_k", "static_v", "average_attn_weights", "is_causal")
-
-
-@dataclass
-class Declined:
-    """An attention the pass saw but could not normalise (it stays as written)."""
-
-    fqn: str
-    spelling: str
-    reason: str
 
 
 def _args(node: fx.Node) -> dict:
@@ -107,10 +100,31 @@ def _build(flags: dict):
     return fn
 
 
-def inline_multi_head_attention(gm: fx.GraphModule) -> list[Declined]:
-    """Rewrite every `multi_head_attention_forward` call in place; return the ones declined."""
+class InlineMHA(GraphPass):
+    """`F.multi_head_attention_forward` → projections + one attention spelling.
+    Counters: `inlined`, `unsupported`; an MHA it cannot inline becomes an unsupported site."""
+
+    name = "inline_mha"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(self.name)
+        inlined, declined = inline_multi_head_attention(gm)
+        result.counters["inlined"] = inlined
+        for fqn, reason in declined:
+            site = Site(fqn, "nn.MultiheadAttention", graph_index=ctx.graph_index)
+            site.mark(Status.UNSUPPORTED, reason)
+            ctx.sites.append(site)
+            result.counters["unsupported"] += 1
+            result.declines.append((fqn, reason))
+        return result
+
+
+def inline_multi_head_attention(gm: fx.GraphModule) -> tuple[int, list[tuple[str, str]]]:
+    """Rewrite every `multi_head_attention_forward` call in place; return how many, and the
+    (module path, reason) of the ones declined."""
     editor = GraphEditor(gm)
-    declined: list[Declined] = []
+    inlined = 0
+    declined: list[tuple[str, str]] = []
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is MHA_FORWARD):
             continue
@@ -125,8 +139,9 @@ def inline_multi_head_attention(gm: fx.GraphModule) -> list[Declined]:
         elif value_of(a["query"]) is None or value_of(a["query"]).dim() != 3:
             reason = "unbatched (2-D) input is not supported by the decomposition"
         if reason:
-            declined.append(Declined(module_path(node), "nn.MultiheadAttention", reason))
+            declined.append((module_path(node), reason))
             continue
+        inlined += 1
         mask_val, kpm_val = value_of(a["attn_mask"]), value_of(a["key_padding_mask"])
         flags = {
             "dtype": value_of(a["query"]).dtype,
@@ -161,7 +176,7 @@ def inline_multi_head_attention(gm: fx.GraphModule) -> list[Declined]:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    return declined
+    return inlined, declined
 
 
 _PARAMS = ("query", "key", "value", "w_in", "b_in", "w_q", "w_k", "w_v", "w_out", "b_out", "kpm",

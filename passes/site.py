@@ -1,23 +1,24 @@
 """`Site`: what the passes know and decide about one attention in a captured graph.
 
 The canonicaliser creates it (shapes, mask, causality, spelling), the lowering pass fills in the
-rewrite, status and reason, the cost model the FLOP and memory estimates; the report prints it.
+rewrite, status, reason, effective config and cost estimates; the report prints it. Every field
+is typed: there is no free-form dict.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-SITE_META = "clusterfx_site"
+from clusterfx.config.configs import AttentionConfig
+from clusterfx.config.vocabulary import Status
 
-# Status values, as the report prints them.
-CANONICAL = "canonical"
-REWRITTEN = "rewritten"
-KEPT_DENSE = "kept dense"
-UNSUPPORTED = "unsupported"
+if TYPE_CHECKING:
+    from clusterfx.passes.cost_model import Cost
+
+SITE_META = "clusterfx_site"
 
 
 def shape_of(val: Any) -> tuple:
@@ -43,11 +44,15 @@ def hints_of(*vals: Any) -> dict:
 
 @dataclass
 class Site:
+    """One attention site. Shapes are q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv), with
+    symbolic dims as sympy expressions and `hints` their observed values."""
+
     fqn: str
     spelling: str
     q_shape: tuple = ()
     k_shape: tuple = ()
     v_shape: tuple = ()
+    hints: dict = field(default_factory=dict)
     dtype: str = ""
     mask: str = "none"  # "none" | "boolean" | "additive"
     mask_shape: tuple = ()
@@ -56,15 +61,21 @@ class Site:
     dropout_p: float = 0.0
     gqa_groups: int = 1
     probs_used_by: tuple[str, ...] = ()
-    rewrite: str = "dense"
-    policy_key: str | None = None
-    status: str = CANONICAL
-    reason: str = ""
     graph_index: int = 0
     node_name: str = ""
-    extra: dict = field(default_factory=dict)
+    # filled by the lowering pass
+    rewrite: str = "dense"
+    policy_key: str | None = None
+    status: Status = Status.CANONICAL
+    reason: str = ""
+    config: AttentionConfig | None = None  # what runs at the observed shapes (None: exact)
+    cost_before: Cost | None = None
+    cost_after: Cost | None = None
+    min_length: int | None = None  # keys below which the rewritten op runs exact attention
+    crossover: int | None = None  # Auto: the cost model's crossover length
+    runtime_tag: str | None = None  # the telemetry name of the site's op (run-time paths)
 
-    def mark(self, status: str, reason: str = "", rewrite: str | None = None) -> None:
+    def mark(self, status: Status, reason: str = "", rewrite: str | None = None) -> None:
         self.status = status
         self.reason = reason
         if rewrite is not None:

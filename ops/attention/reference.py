@@ -18,11 +18,6 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=-3)
 
 
-def causal_keep(nq: int, nk: int, device: torch.device) -> torch.Tensor:
-    """(Nq, Nk) bool, True where key j <= query i."""
-    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
-
-
 def attention_reference(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                         scale: float = 1.0, enable_gqa: bool = False) -> torch.Tensor:
     if enable_gqa:
@@ -35,7 +30,7 @@ def attention_reference(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_caus
         else:
             scores = scores + attn_mask
     if is_causal:
-        keep = causal_keep(scores.shape[-2], scores.shape[-1], scores.device)
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     acc = torch.promote_types(scores.dtype, torch.float32)  # fp16/bf16 softmax in fp32
     probs = torch.softmax(scores.to(acc), dim=-1).to(q.dtype)

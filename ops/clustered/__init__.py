@@ -16,7 +16,8 @@ head h reads key/value head ``h // (H / Hk)``; Nq ≠ Nk (cross-attention) is fi
 inputs are computed in float32 and returned in their dtype; float64 is computed in float64.
 
 Backends (``impl``): "reference" (oracle, materialises Nq×Nk), "cpu" (vectorised torch, O(N·C)
-memory), "triton" (kernels from ``clusterfx.ops.clustered.triton``, CUDA or TRITON_INTERPRET=1),
+memory), "triton" (``triton.py`` around the kernels of ``triton_kernels.py``, CUDA or
+TRITON_INTERPRET=1),
 "auto" (triton on CUDA, cpu otherwise). An explicit impl never falls back. Each function is a
 ``torch.library`` custom op (``torch.ops.clusterfx.*``) with a fake kernel and autograd, so it
 compiles as one opaque node; hashing, k-means and top-k selection get no gradient.
@@ -29,11 +30,14 @@ from __future__ import annotations
 
 import torch
 
-from clusterfx.ops.clustered import checks
-from clusterfx.ops.clustered.registration import counters
+from clusterfx.ops.clustered import checks, conditional, registration  # noqa: F401 - the ops
+from clusterfx.ops.clustered.conditional import METHODS, PATHS, key_padding
+from clusterfx.ops.clustering import ClusteringSpec
+from clusterfx.ops.common.telemetry import counters
 
-__all__ = ["clustered_attention", "clustered_attention_from_assignments", "counters",
-           "improved_clustered_attention", "improved_clustered_attention_from_assignments"]
+__all__ = ["METHODS", "PATHS", "ClusteringSpec", "clustered_attention",
+           "clustered_attention_from_assignments", "counters", "improved_clustered_attention",
+           "improved_clustered_attention_from_assignments", "key_padding"]
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
@@ -57,11 +61,10 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cl
     Shapes: see the module docstring → (B, H, Nq, Dv).
     """
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
-                                 impl)
+    spec = ClusteringSpec(clusters, iterations, bits, seed, clustering, refine, metric)
+    checks.check_impl(impl)
     return torch.ops.clusterfx.clustered_attention(
-        q, k, v, key_padding_mask, clusters, _scale(q, scale), iterations, bits, seed,
-        clustering, refine, metric, impl)[0]
+        q, k, v, key_padding_mask, _scale(q, scale), *spec.to_args(), impl)[0]
 
 
 def improved_clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -77,12 +80,11 @@ def improved_clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Shapes: see the module docstring → (B, H, Nq, Dv).
     """
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
-                                 impl)
+    spec = ClusteringSpec(clusters, iterations, bits, seed, clustering, refine, metric)
     checks.check_topk(topk)
+    checks.check_impl(impl)
     return torch.ops.clusterfx.improved_clustered_attention(
-        q, k, v, key_padding_mask, clusters, topk, _scale(q, scale), iterations, bits, seed,
-        clustering, refine, metric, impl)[0]
+        q, k, v, key_padding_mask, _scale(q, scale), *spec.to_args(), topk, impl)[0]
 
 
 def clustered_attention_from_assignments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -3,22 +3,16 @@ work). Shape/dtype checks only read metadata, so they also run on fake tensors w
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from clusterfx.ops.clustering.checks import (
-    check_bits,
+from clusterfx.ops.common.checks import (
     check_float,
     check_impl,
     check_positive_int,
-    check_refine,
-    check_seed,
+    check_same,
+    check_scale,
     check_valid,
 )
-
-CLUSTERINGS = ("hamming", "kmeans")
-METRICS = ("attention", "euclidean")
 
 
 def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
@@ -26,10 +20,7 @@ def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
     multiple of Hk, key_padding_mask None or bool (B,Nk), scale None or a finite number."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, 4, exact_rank=True)
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be the same")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v devices ({q.device}, {k.device}, {v.device}) must match")
+    check_same("q, k, v", q, k, v)
     B, H, Nq, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes of q, k, v ({B}, {k.shape[0]}, {v.shape[0]}) must match")
@@ -37,30 +28,14 @@ def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
         raise ValueError(f"head dim of k ({k.shape[-1]}) must equal that of q ({D})")
     if k.shape[1:3] != v.shape[1:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (Hk, Nk)")
-    if H % k.shape[1] != 0:
+    if k.shape[1] < 1 or H % k.shape[1] != 0:
         raise ValueError(f"heads of q ({H}) must be a multiple of the heads of k/v ({k.shape[1]})")
     if Nq < 1 or k.shape[2] < 1:
         raise ValueError(f"need at least one query and one key (Nq={Nq}, Nk={k.shape[2]})")
     check_valid(key_padding_mask, (B, k.shape[2]), "key_padding_mask")
     if key_padding_mask is not None and key_padding_mask.device != q.device:
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"scale ({scale!r}) must be a finite number or None (= D**-0.5)")
-
-
-def check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
-                          impl) -> None:
-    check_positive_int("clusters", clusters)
-    check_positive_int("iterations", iterations)
-    check_bits(bits)
-    check_seed(seed)
-    if clustering not in CLUSTERINGS:
-        raise ValueError(f"clustering ({clustering!r}) must be one of {CLUSTERINGS}")
-    check_refine(refine)
-    if metric not in METRICS:
-        raise ValueError(f"metric ({metric!r}) must be one of {METRICS}")
-    check_impl(impl)
+    check_scale(scale)
 
 
 def check_topk(topk) -> None:
@@ -84,3 +59,6 @@ def check_assignments_values(assignments, clusters) -> None:
     if lo < 0 or hi >= clusters:
         bad = lo if lo < 0 else hi
         raise ValueError(f"assignments contain {bad}; expected values in [0, {clusters})")
+
+__all__ = ["check_assignments_meta", "check_assignments_values", "check_attention_inputs",
+           "check_impl", "check_topk"]

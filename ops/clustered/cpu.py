@@ -19,62 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clusterfx.ops.clustered.reference import compute_dtype
+from clusterfx.ops.clustered import common
+from clusterfx.ops.common.checks import compute_dtype
 
 _CHUNK_ELEMENTS = 2**22  # bound on the (rows × queries × k × dim) gather buffer per chunk
-
-
-def _slots(assignments: torch.Tensor, clusters: int) -> torch.Tensor:
-    """Flat (row, cluster) slot ``r·C + a`` of every query. (B,H,Nq) → (B·H·Nq,)."""
-    B, H, N = assignments.shape
-    offsets = torch.arange(B * H, device=assignments.device).view(B, H, 1) * clusters
-    return (assignments + offsets).reshape(-1)
-
-
-def centroid_means(q: torch.Tensor, assignments: torch.Tensor,
-                   clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Q^c_j = (1/n_j) Σ_{a(i)=j} q_i`` (0 for an empty cluster) and the counts ``n_j``.
-
-    Shapes: q (B,H,Nq,D), assignments (B,H,Nq) → (B,H,C,D), counts (B,H,C) in q's dtype.
-    """
-    B, H, N, D = q.shape
-    slots = _slots(assignments, clusters)
-    sums = q.new_zeros(B * H * clusters, D).index_add(0, slots, q.reshape(-1, D))
-    counts = q.new_zeros(B * H * clusters).index_add(0, slots, q.new_ones(B * H * N))
-    qc = sums / counts.clamp(min=1)[:, None]
-    return qc.view(B, H, clusters, D), counts.view(B, H, clusters)
-
-
-def _mask_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Padded logits become the dtype's lowest finite value, not -inf, so that a row with no
-    valid key stays finite through the fused softmax (``_softmax`` then zeroes it)."""
-    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-
-
-def _softmax(logits: torch.Tensor, has_key: torch.Tensor | None) -> torch.Tensor:
-    """Fused softmax over the last dim; rows whose ``has_key`` is False become zeros."""
-    p = torch.softmax(logits, -1)
-    return p if has_key is None else p * has_key.to(p.dtype)
-
-
-def centroid_scores(qc: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                    scale: float) -> torch.Tensor:
-    """``s·Q^c Kᵀ + β`` (β: lowest finite value on padded keys).
-
-    Shapes: qc (B,H,C,D), k (B,Hk,Nk,D), mask (B,Nk) → (B,H,C,Nk).
-    """
-    B, H, C, D = qc.shape
-    Hk, Nk = k.shape[1], k.shape[2]
-    logits = ((qc * scale).reshape(B, Hk, -1, D) @ k.transpose(-1, -2)).view(B, H, C, Nk)
-    if key_padding_mask is not None:
-        logits = _mask_logits(logits, key_padding_mask[:, None, None, :])
-    return logits
-
-
-def centroid_probs(logits: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """``A^c`` from ``centroid_scores``; zero rows for batch elements with no valid key."""
-    has_key = None if key_padding_mask is None else key_padding_mask.any(-1)[:, None, None, None]
-    return _softmax(logits, has_key)
 
 
 def centroid_attention(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -87,33 +35,12 @@ def centroid_attention(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias = None
     if key_padding_mask is not None:
         bias = qc.new_zeros(qc.shape[0], 1, 1, k.shape[2])
-        bias = _mask_logits(bias, key_padding_mask[:, None, None, :])
+        bias = common.mask_logits(bias, key_padding_mask[:, None, None, :])
     out = F.scaled_dot_product_attention(qc, k, v, attn_mask=bias, scale=scale,
                                          enable_gqa=True)
     if key_padding_mask is not None:
         out = out * key_padding_mask.any(-1)[:, None, None, None].to(out.dtype)
     return out
-
-
-def _attend(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``P V`` with GQA. Shapes: p (B,H,C,Nk), v (B,Hk,Nk,Dv) → (B,H,C,Dv)."""
-    B, H, C, Nk = p.shape
-    return (p.reshape(B, v.shape[1], -1, Nk) @ v).view(B, H, C, v.shape[-1])
-
-
-def _broadcast(xc: torch.Tensor, slots: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Copy each cluster's row to its members. xc (B,H,C,E), slots (n,) → shape + (E,)."""
-    return xc.reshape(-1, xc.shape[-1]).index_select(0, slots).view(*shape, xc.shape[-1])
-
-
-def _gather_keys(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[b, h // G, idx[b, h, j, t]]``. x (B,Hk,Nk,E), idx (B,H,C,k) → (B,H,C,k,E)."""
-    B, Hk, Nk, E = x.shape
-    H = idx.shape[1]
-    base = (torch.arange(B, device=x.device)[:, None] * Hk
-            + torch.arange(H, device=x.device)[None, :] // (H // Hk)) * Nk
-    flat = (idx + base[:, :, None, None]).reshape(-1)
-    return x.reshape(-1, E).index_select(0, flat).view(*idx.shape, E)
 
 
 def clustered_attention_from_assignments(q, k, v, assignments, clusters, key_padding_mask=None,
@@ -125,9 +52,10 @@ def clustered_attention_from_assignments(q, k, v, assignments, clusters, key_pad
     """
     cdt = compute_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qc, _ = centroid_means(q.to(cdt), assignments, clusters)
+    qc, _ = common.centroid_means(q.to(cdt), assignments, clusters)
     vc = centroid_attention(qc, k.to(cdt), v.to(cdt), key_padding_mask, scale)
-    return _broadcast(vc, _slots(assignments, clusters), assignments.shape).to(q.dtype)
+    slots = common.cluster_slots(assignments, clusters)
+    return common.broadcast(vc, slots, assignments.shape).to(q.dtype)
 
 
 def _cluster_tiles(slots: torch.Tensor, n_slots: int, rows: int, n: int,
@@ -178,23 +106,23 @@ def improved_clustered_attention_from_assignments(q, k, v, assignments, clusters
     dtype, R = q.dtype, B * H
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     Dv = v.shape[-1]
-    qc, _ = centroid_means(q, assignments, clusters)
-    logits_c = centroid_scores(qc, k, key_padding_mask, scale)  # (B,H,C,Nk)
-    a_c = centroid_probs(logits_c, key_padding_mask)
+    qc, _ = common.centroid_means(q, assignments, clusters)
+    logits_c = common.centroid_scores(qc, k, key_padding_mask, scale)  # (B,H,C,Nk)
+    a_c = common.centroid_probs(logits_c, key_padding_mask)
     if topk_indices is None:
         topk_indices = logits_c.topk(min(topk, k.shape[2]), dim=-1).indices
     kk = topk_indices.shape[-1]
     a_top = a_c.gather(-1, topk_indices)  # (B,H,C,k)
-    k_top = _gather_keys(k, topk_indices).reshape(R * clusters, kk, D)
-    v_top = _gather_keys(v, topk_indices).reshape(R * clusters, kk, Dv)
-    v_bottom = _attend(a_c, v).reshape(R * clusters, Dv) - (
+    k_top = common.gather_keys(k, topk_indices).reshape(R * clusters, kk, D)
+    v_top = common.gather_keys(v, topk_indices).reshape(R * clusters, kk, Dv)
+    v_bottom = common.attend(a_c, v).reshape(R * clusters, Dv) - (
         a_top.reshape(-1, kk, 1) * v_top).sum(-2)
     mass = a_top.sum(-1).reshape(-1)  # m̂ per slot
     keep_top = None
     if key_padding_mask is not None:  # only matters when k exceeds the valid keys of a row
-        keep_top = _gather_keys(key_padding_mask[:, None, :, None], topk_indices)
+        keep_top = common.gather_keys(key_padding_mask[:, None, :, None], topk_indices)
         keep_top = keep_top.reshape(R * clusters, 1, kk)
-    slots = _slots(assignments, clusters)
+    slots = common.cluster_slots(assignments, clusters)
     lane, tile_slot, P = _cluster_tiles(slots, R * clusters, R, Nq, tile)
     q_tiles = q.new_zeros(R * P * tile, D).index_add(0, lane, q.reshape(-1, D) * scale)
     chunk = max(1, _CHUNK_ELEMENTS // (kk * max(D, Dv, tile)))
@@ -204,7 +132,7 @@ def improved_clustered_attention_from_assignments(q, k, v, assignments, clusters
         logits = q_tiles[start * tile:(start + chunk) * tile].view(-1, tile, D) @ (
             k_top.index_select(0, ts).transpose(1, 2))  # (tiles, tile, k)
         if keep_top is not None:
-            logits = _mask_logits(logits, keep_top.index_select(0, ts))
+            logits = common.mask_logits(logits, keep_top.index_select(0, ts))
         weights = torch.softmax(logits, -1) * mass.index_select(0, ts)[:, None, None]
         tops.append((weights @ v_top.index_select(0, ts)).reshape(-1, Dv))
     out = v_bottom.index_select(0, slots) + torch.cat(tops).index_select(0, lane)

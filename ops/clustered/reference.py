@@ -23,9 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from clusterfx.ops.common.checks import compute_dtype
 
 
 def safe_softmax(logits: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """torch.library registration of the clustered-attention ops (namespace ``clusterfx``).
 
-Four custom ops, each with a fake (meta) kernel and an autograd formula::
+Four custom ops, each with a fake (meta) kernel and an autograd formula; ``*spec`` stands for
+the fields of a ``ClusteringSpec`` in its order (clusters, iterations, bits, seed, clustering,
+refine, metric)::
 
-    clustered_attention(q, k, v, mask, C, scale, iterations, bits, seed, clustering, refine,
-                        metric, impl) -> (out, assignments)
-    improved_clustered_attention(q, k, v, mask, C, topk, scale, iterations, bits, seed,
-                                 clustering, refine, metric, impl) -> (out, assignments, idx)
+    clustered_attention(q, k, v, mask, scale, *spec, impl) -> (out, assignments)
+    improved_clustered_attention(q, k, v, mask, scale, *spec, topk, impl)
+        -> (out, assignments, idx)
     clustered_attention_from_assignments(q, k, v, assignments, mask, C, scale, impl) -> out
     improved_clustered_attention_from_assignments(q, k, v, assignments, mask, C, topk, scale,
                                                   impl) -> (out, idx)
@@ -16,40 +17,40 @@ explicit-assignment torch code (``reference`` for impl="reference", the vectoris
 otherwise; both run on any device) and calls ``torch.autograd.grad``. Gradients thus reach q
 through the centroid means (and, for i-clustered, the exact top-k scores), k and v through the
 centroid attention and the top-k attention; none flows through hashing, k-means or top-k.
-
-``metric``: "attention" clusters the queries under the covariance of the valid keys
-(``clustering.attention_metric``; queries that give the keys alike logits are close),
-"euclidean" on the raw queries (the paper's). ``refine`` Lloyd steps follow the clustering.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import importlib
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from clusterfx.ops.clustered import checks, cpu, reference, triton_glue
-from clusterfx.ops.clustering import attention_metric, cluster_queries
-from clusterfx.ops.clustering.checks import resolve_impl
+from clusterfx.ops.clustered import checks
+from clusterfx.ops.clustering import ClusteringSpec, attention_metric, cluster_with
+from clusterfx.ops.common import telemetry
+from clusterfx.ops.common.dispatch import resolve_impl
 
-counters: Counter[str] = Counter()  # "<op>.<backend>" forward calls
 
-_BACKENDS = {"reference": reference, "cpu": cpu, "triton": triton_glue}
+def implementation(backend: str) -> ModuleType:
+    """The module of an implementation ("reference", "cpu", "triton"); imported when first
+    used, so that this module imports without Triton."""
+    return importlib.import_module(f"clusterfx.ops.clustered.{backend}")
+
+
+def differentiable(impl: str) -> ModuleType:
+    """The torch code that recomputes the forward for the backward pass (any device)."""
+    return implementation("reference" if impl == "reference" else "cpu")
 
 
 def _backend(op: str, impl: str, q: Tensor) -> str:
     backend = resolve_impl(impl, q.device)
-    counters[f"{op}.{backend}"] += 1
+    telemetry.record(op, backend)
     return backend
 
 
-def _differentiable(impl: str):
-    """The torch code that recomputes the forward for the backward pass."""
-    return reference if impl == "reference" else cpu
-
-
-def _vjp(fn, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad_out: Tensor):
+def vjp(fn, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad_out: Tensor):
     """Gradients of ``fn(*inputs)`` (a tensor) w.r.t. the inputs flagged in ``needs``."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
@@ -59,24 +60,25 @@ def _vjp(fn, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad_out: Tens
     return [next(grads) if n else None for n in needs]
 
 
-def _cluster(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, clusters: int,
-             iterations: int, bits: int, seed: int, clustering: str, refine: int, metric: str,
-             backend: str) -> Tensor:
-    """Cluster assignments (B, H, Nq) of the queries, in the geometry ``metric`` names."""
+def cluster(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, spec: ClusteringSpec,
+            backend: str) -> Tensor:
+    """Cluster assignments (B, H, Nq) of the queries, in the geometry ``spec.metric`` names."""
     m = centre = None
-    if metric == "attention":
+    if spec.metric == "attention":
         m = attention_metric(k, q.shape[1], key_padding_mask)
         if key_padding_mask is not None and q.shape[2] == k.shape[2]:
             # self-attention: padded positions' queries should not move the hash's centre
             centre = key_padding_mask[:, None, :].expand(q.shape[:3])
-    assignments, _ = cluster_queries(q, clusters, iterations=iterations, bits=bits, seed=seed,
-                                     clustering=clustering, refine=refine, metric=m,
-                                     centre_mask=centre, impl=backend)
+    assignments, _ = cluster_with(q, spec, metric=m, centre_mask=centre, impl=backend)
     return assignments
 
 
 def _empty_out(q: Tensor, v: Tensor) -> Tensor:
     return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+def _topk_shape(q: Tensor, k: Tensor, clusters: int, topk: int) -> tuple[int, ...]:
+    return (*q.shape[:2], clusters, min(topk, k.shape[2]))
 
 
 # --------------------------------------------------------------------------- explicit assignments
@@ -90,7 +92,7 @@ def clustered_attention_from_assignments_op(
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
     checks.check_assignments_meta(assignments, q, clusters)
     checks.check_assignments_values(assignments, clusters)
-    mod = _BACKENDS[_backend("clustered_attention_from_assignments", impl, q)]
+    mod = implementation(_backend("clustered_attention_from_assignments", impl, q))
     return mod.clustered_attention_from_assignments(q, k, v, assignments, clusters,
                                                     key_padding_mask, scale).contiguous()
 
@@ -112,7 +114,7 @@ def improved_clustered_attention_from_assignments_op(
     checks.check_assignments_meta(assignments, q, clusters)
     checks.check_topk(topk)
     checks.check_assignments_values(assignments, clusters)
-    mod = _BACKENDS[_backend("improved_clustered_attention_from_assignments", impl, q)]
+    mod = implementation(_backend("improved_clustered_attention_from_assignments", impl, q))
     out, idx = mod.improved_clustered_attention_from_assignments(q, k, v, assignments,
                                                                  clusters, key_padding_mask,
                                                                  scale, topk)
@@ -124,8 +126,7 @@ def _(q, k, v, assignments, key_padding_mask, clusters, topk, scale, impl):
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
     checks.check_assignments_meta(assignments, q, clusters)
     checks.check_topk(topk)
-    idx = q.new_empty(*q.shape[:2], clusters, min(topk, k.shape[2]), dtype=torch.int64)
-    return _empty_out(q, v), idx
+    return _empty_out(q, v), q.new_empty(_topk_shape(q, k, clusters, topk), dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- clustering inside
@@ -133,56 +134,54 @@ def _(q, k, v, assignments, key_padding_mask, clusters, topk, scale, impl):
 
 @torch.library.custom_op("clusterfx::clustered_attention", mutates_args=())
 def clustered_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, clusters: int,
-    scale: float, iterations: int, bits: int, seed: int, clustering: str, refine: int,
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float,
+    clusters: int, iterations: int, bits: int, seed: int, clustering: str, refine: int,
     metric: str, impl: str,
 ) -> tuple[Tensor, Tensor]:
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
-                                 impl)
+    spec = ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
+    checks.check_impl(impl)
     backend = _backend("clustered_attention", impl, q)
-    assignments = _cluster(q, k, key_padding_mask, clusters, iterations, bits, seed,
-                           clustering, refine, metric, backend)
-    out = _BACKENDS[backend].clustered_attention_from_assignments(
-        q, k, v, assignments, clusters, key_padding_mask, scale)
+    assignments = cluster(q, k, key_padding_mask, spec, backend)
+    out = implementation(backend).clustered_attention_from_assignments(
+        q, k, v, assignments, spec.clusters, key_padding_mask, scale)
     return out.contiguous(), assignments.contiguous()
 
 
 @clustered_attention_op.register_fake
-def _(q, k, v, key_padding_mask, clusters, scale, iterations, bits, seed, clustering, refine,
+def _(q, k, v, key_padding_mask, scale, clusters, iterations, bits, seed, clustering, refine,
       metric, impl):
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
-                                 impl)
+    ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
+    checks.check_impl(impl)
     return _empty_out(q, v), q.new_empty(q.shape[:3], dtype=torch.int64)
 
 
 @torch.library.custom_op("clusterfx::improved_clustered_attention", mutates_args=())
 def improved_clustered_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, clusters: int, topk: int,
-    scale: float, iterations: int, bits: int, seed: int, clustering: str, refine: int,
-    metric: str, impl: str,
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float,
+    clusters: int, iterations: int, bits: int, seed: int, clustering: str, refine: int,
+    metric: str, topk: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
-                                 impl)
+    spec = ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
     checks.check_topk(topk)
+    checks.check_impl(impl)
     backend = _backend("improved_clustered_attention", impl, q)
-    assignments = _cluster(q, k, key_padding_mask, clusters, iterations, bits, seed,
-                           clustering, refine, metric, backend)
-    out, idx = _BACKENDS[backend].improved_clustered_attention_from_assignments(
-        q, k, v, assignments, clusters, key_padding_mask, scale, topk)
+    assignments = cluster(q, k, key_padding_mask, spec, backend)
+    out, idx = implementation(backend).improved_clustered_attention_from_assignments(
+        q, k, v, assignments, spec.clusters, key_padding_mask, scale, topk)
     return out.contiguous(), assignments.contiguous(), idx.contiguous()
 
 
 @improved_clustered_attention_op.register_fake
-def _(q, k, v, key_padding_mask, clusters, topk, scale, iterations, bits, seed, clustering,
-      refine, metric, impl):
+def _(q, k, v, key_padding_mask, scale, clusters, iterations, bits, seed, clustering, refine,
+      metric, topk, impl):
     checks.check_attention_inputs(q, k, v, key_padding_mask, scale)
-    checks.check_clustering_args(clusters, iterations, bits, seed, clustering, refine, metric,
-                                 impl)
+    ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
     checks.check_topk(topk)
-    idx = q.new_empty(*q.shape[:2], clusters, min(topk, k.shape[2]), dtype=torch.int64)
+    checks.check_impl(impl)
+    idx = q.new_empty(_topk_shape(q, k, clusters, topk), dtype=torch.int64)
     return _empty_out(q, v), q.new_empty(q.shape[:3], dtype=torch.int64), idx
 
 
@@ -196,14 +195,14 @@ def _save(ctx, q, k, v, assignments, mask, clusters, scale, impl, idx=None) -> N
 
 def _input_grads(ctx, grad_out) -> list[Tensor | None]:
     q, k, v, assignments, mask, idx = ctx.saved_tensors
-    mod = _differentiable(ctx.impl)
+    mod = differentiable(ctx.impl)
     if idx is None:
         fn = lambda q_, k_, v_: mod.clustered_attention_from_assignments(
             q_, k_, v_, assignments, ctx.clusters, mask, ctx.scale)
     else:
         fn = lambda q_, k_, v_: mod.improved_clustered_attention_from_assignments(
             q_, k_, v_, assignments, ctx.clusters, mask, ctx.scale, idx.shape[-1], idx)[0]
-    return _vjp(fn, (q, k, v), tuple(ctx.needs_input_grad[:3]), grad_out)
+    return vjp(fn, (q, k, v), tuple(ctx.needs_input_grad[:3]), grad_out)
 
 
 def _setup_from_assignments(ctx, inputs, output):
@@ -217,12 +216,12 @@ def _setup_improved_from_assignments(ctx, inputs, output):
 
 
 def _setup_op(ctx, inputs, output):
-    q, k, v, mask, clusters, scale, *_clustering_args, impl = inputs
+    q, k, v, mask, scale, clusters, *_spec, impl = inputs
     _save(ctx, q, k, v, output[1], mask, clusters, scale, impl)
 
 
 def _setup_improved_op(ctx, inputs, output):
-    q, k, v, mask, clusters, _topk, scale, *_clustering_args, impl = inputs
+    q, k, v, mask, scale, clusters, *_spec_and_topk, impl = inputs
     _save(ctx, q, k, v, output[1], mask, clusters, scale, impl, idx=output[2])
 
 

@@ -30,28 +30,29 @@ the returned counts keep all C columns (the extra clusters stay empty) so shapes
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 
 import torch
 
 from clusterfx.ops.clustering import cpu, reference
-from clusterfx.ops.clustering.checks import (
+from clusterfx.ops.clustering.checks import check_clustering, check_hashes, check_planes
+from clusterfx.ops.clustering.spec import ClusteringSpec
+from clusterfx.ops.common import telemetry
+from clusterfx.ops.common.checks import (
     check_bits,
     check_float,
-    check_hashes,
-    check_planes,
+    check_int,
     check_positive_int,
-    check_refine,
     check_seed,
     check_valid,
-    resolve_impl,
 )
+from clusterfx.ops.common.dispatch import resolve_impl
+from clusterfx.ops.common.telemetry import counters
 
-__all__ = ["METRIC_KEYS", "attention_metric", "cluster_queries", "counters", "euclidean_kmeans",
-           "hamming_kmeans", "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount"]
+__all__ = ["METRIC_KEYS", "ClusteringSpec", "attention_metric", "cluster_queries", "cluster_with",
+           "counters", "euclidean_kmeans", "hamming_kmeans", "lloyd_refine", "lsh_hash",
+           "make_planes", "metric_root", "popcount"]
 
 METRIC_KEYS = 4096  # keys per row that attention_metric's covariance reads, at most
-counters: Counter[str] = Counter()  # "<function>.<backend>" calls, "clusters_clamped" warnings
 
 
 def _generator(seed: int) -> torch.Generator | None:
@@ -99,7 +100,7 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor, impl: str = "auto",
     _check_metric(metric, batch, D)
     check_valid(centre_mask, (*batch, N), "centre_mask")
     backend = resolve_impl(impl, x.device)
-    counters[f"lsh_hash.{backend}"] += 1
+    telemetry.record("lsh_hash", backend)
     if metric is not None:
         root = _root_for(metric, x).expand(*batch, D, D)
         return (reference if backend == "reference" else cpu).lsh_hash(x, planes, root,
@@ -116,7 +117,7 @@ def _clamp_warning(clusters: int, n: int, valid: torch.Tensor | None) -> None:
     fewest = n if valid is None or valid.numel() == 0 else int(valid.sum(-1).min())
     if clusters > fewest:
         what = "queries" if valid is None else "valid queries in some row"
-        counters["clusters_clamped"] += 1
+        telemetry.event("clusters_clamped")
         warnings.warn(f"clusters ({clusters}) exceeds the number of {what} ({fewest}); using "
                       f"at most {fewest} clusters there, the others stay empty", stacklevel=3)
 
@@ -185,7 +186,7 @@ def hamming_kmeans(hashes: torch.Tensor, clusters: int, iterations: int = 10, bi
     h = hashes.reshape(-1, N)
     v = torch.ones_like(h, dtype=torch.bool) if valid is None else valid.reshape(-1, N)
     _clamp_warning(clusters, N, valid)
-    counters[f"hamming_kmeans.{backend}"] += 1
+    telemetry.record("hamming_kmeans", backend)
     plan = _kmeans_plan(v, valid is None, clusters, iterations, _generator(seed))
     if backend == "reference":
         a, c = reference.hamming_kmeans(h, *plan, v, bits)
@@ -217,7 +218,7 @@ def euclidean_kmeans(x: torch.Tensor, clusters: int, iterations: int = 10, seed:
     v = torch.ones(xr.shape[:2], dtype=torch.bool, device=x.device) if valid is None \
         else valid.reshape(-1, N)
     _clamp_warning(clusters, N, valid)
-    counters[f"euclidean_kmeans.{backend}"] += 1
+    telemetry.record("euclidean_kmeans", backend)
     plan = _kmeans_plan(v, valid is None, clusters, iterations, _generator(seed))
     mod = reference if backend == "reference" else cpu
     a, c = mod.euclidean_kmeans(xr, *plan, v)
@@ -358,11 +359,10 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     assignments (..., N) int64, counts (..., C) int64.
     """
     check_float("q", q, 2)
-    if clustering not in ("hamming", "kmeans"):
-        raise ValueError(f"clustering ({clustering!r}) must be 'hamming' or 'kmeans'")
+    check_clustering(clustering)
     check_bits(bits)
     _check_kmeans_args(clusters, iterations, seed, q.shape[-2])
-    check_refine(refine)
+    check_int("refine", refine, 0)
     *batch, N, D = q.shape
     _check_metric(metric, batch, D)
     check_valid(centre_mask, (*batch, N), "centre_mask")
@@ -373,7 +373,7 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     root = None if m is None else _root_for(m, q)
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
     _clamp_warning(clusters, N, None)
-    counters[f"cluster_queries.{clustering}.{backend}"] += 1
+    telemetry.record(f"cluster_queries.{clustering}", backend)
     gen = _generator(seed)
     if clustering == "kmeans":
         plan = _kmeans_plan(valid, True, clusters, iterations, gen)
@@ -398,3 +398,12 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     if refine:
         a, c = lloyd_refine(x, a, clusters, refine, m)
     return a.view(*batch, N), c.view(*batch, clusters)
+
+
+def cluster_with(q: torch.Tensor, spec: ClusteringSpec, *, metric: torch.Tensor | None = None,
+                 centre_mask: torch.Tensor | None = None,
+                 impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``cluster_queries`` with the knobs of a ``ClusteringSpec``. Shapes: as there."""
+    return cluster_queries(q, spec.clusters, iterations=spec.iterations, bits=spec.bits,
+                           seed=spec.seed, clustering=spec.clustering, refine=spec.refine,
+                           metric=metric, centre_mask=centre_mask, impl=impl)

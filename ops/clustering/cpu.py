@@ -162,15 +162,6 @@ class _HammingGemm:
         return sums[..., :-1], sums[..., -1].long()
 
 
-def nearest_hamming(signs: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
-    """Index of the Hamming-nearest centroid, ties to the lowest index.
-
-    Shapes: signs (R, N, bits) int8 ±1, cent (R, C, bits) int8 ±1 → (R, N) int64.
-    """
-    valid = torch.ones(signs.shape[:2], dtype=torch.bool, device=signs.device)
-    return _HammingGemm(signs, valid, cent.shape[1]).nearest(cent)
-
-
 def _counts(assign: torch.Tensor, valid: torch.Tensor, C: int) -> torch.Tensor:
     """Valid members per cluster. (R, N) → (R, C) int64."""
     R = assign.shape[0]

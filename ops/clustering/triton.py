@@ -19,13 +19,12 @@ This backend never imports the reference or cpu backends.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+
+from clusterfx.ops.common.triton_support import check_device, launch_ctx
 
 __all__ = ["lsh_hash", "hamming_assign", "hamming_centroids"]
 
@@ -127,21 +126,6 @@ def _hamming_centroids_kernel(
     tl.store(cnt_ptr + row * C + cs, count.to(tl.int64), mask=c_ok)
 
 
-def check_device(kernel, **tensors: torch.Tensor | None) -> torch.device:
-    """The one device of the given tensors (None entries skipped); CUDA unless ``kernel`` runs
-    in the interpreter (TRITON_INTERPRET=1). Shared with ``clusterfx.ops.clustered.triton``."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    device = next(iter(devices.values()))
-    if any(d != device for d in devices.values()):
-        raise ValueError(f"all tensors must be on one device, got {devices}")
-    if device.type != "cuda" and not isinstance(kernel, InterpretedFunction):
-        raise ValueError(
-            f"Triton kernels need CUDA tensors, got {device}; set TRITON_INTERPRET=1 before "
-            "importing triton to run them on CPU"
-        )
-    return device
-
-
 def _check_int64(name: str, t: torch.Tensor, min_dim: int = 1) -> None:
     if t.dtype != torch.int64:
         raise ValueError(f"{name} must be int64, got {t.dtype}")
@@ -152,10 +136,6 @@ def _check_int64(name: str, t: torch.Tensor, min_dim: int = 1) -> None:
 def _check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 1 <= bits <= _MAX_BITS:
         raise ValueError(f"bits ({bits!r}) must be an int in [1, {_MAX_BITS}]")
-
-
-def launch_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def lsh_hash(x: torch.Tensor, planes: torch.Tensor, *, block_m: int = 64,

@@ -24,125 +24,22 @@ Implementations (``impl``), none falling back silently to another:
 Backward (all impls): the selection is discrete and held fixed; the op re-runs the chunked
 selection and differentiates the softmax over the selected keys (``backward.py``), giving
 gradients for q, k, v and a floating ``attn_mask``. No double backward. Every forward counts
-its implementation in ``counters`` (``"impl.cpu"``, ...).
+its implementation in ``counters`` (``"topk_attention.cpu"``, ...).
 
 Shapes: q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), attn_mask broadcastable to
 (B, H, Nq, Nk) -> out (B, H, Nq, Dv).
 """
 
-from collections import Counter
+from __future__ import annotations
 
 import torch
 
-from .backward import topk_attention_backward
-from .cpu import topk_attention_cpu
-from .reference import topk_attention_reference
-from .validation import IMPLS, validate
+from clusterfx.ops.common.telemetry import counters
+from clusterfx.ops.topk import registration  # noqa: F401 - registers the ops
+from clusterfx.ops.topk.checks import validate
+from clusterfx.ops.topk.reference import topk_attention_reference
 
-__all__ = ["topk_attention", "topk_attention_reference", "counters", "IMPLS"]
-
-counters: Counter = Counter()
-
-
-def _rank4(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """View a broadcastable mask as rank 4 by prepending size-1 dims."""
-    if mask is None:
-        return None
-    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-
-
-def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else scale
-
-
-def _resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation that will run; raises rather than substituting another."""
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "cpu"
-    if impl == "triton":
-        try:
-            from . import triton as triton_impl
-        except ImportError as e:
-            raise RuntimeError("impl='triton' needs the triton package, which failed to import; "
-                               "install triton or pass impl='cpu'") from e
-        if device.type == "cpu" and not triton_impl.interpret_enabled():
-            raise RuntimeError("impl='triton' got CPU tensors but TRITON_INTERPRET is not set; "
-                               "set TRITON_INTERPRET=1 before the call to run the kernel in "
-                               "Triton's interpreter, or pass impl='cpu'")
-    return impl
-
-
-@torch.library.custom_op("clusterfx::topk_attention", mutates_args=())
-def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int,
-                       attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                       scale: float | None = None, chunk_size: int = 256,
-                       impl: str = "auto") -> torch.Tensor:
-    validate(q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl)
-    name = _resolve_impl(impl, q.device)
-    counters[f"impl.{name}"] += 1
-    args = dict(topk=topk, attn_mask=_rank4(attn_mask), is_causal=is_causal,
-                scale=_scale(q, scale))
-    if name == "reference":
-        out = topk_attention_reference(q, k, v, **args)
-    elif name == "cpu":
-        out = topk_attention_cpu(q, k, v, chunk_size=chunk_size, **args)
-    else:
-        from .triton import topk_attention_triton
-
-        out = topk_attention_triton(q, k, v, chunk_size=chunk_size, **args)
-    return out.contiguous()  # the fake kernel's layout
-
-
-@_topk_attention_op.register_fake
-def _topk_attention_fake(q, k, v, topk, attn_mask=None, is_causal=False, scale=None,
-                         chunk_size=256, impl="auto"):
-    validate(q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl)
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
-
-
-@torch.library.custom_op("clusterfx::topk_attention_backward", mutates_args=())
-def _topk_attention_backward_op(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    attn_mask: torch.Tensor | None, topk: int, is_causal: bool, scale: float,
-    chunk_size: int, mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad`` (opaque to compile)."""
-    dq, dk, dv, dmask = topk_attention_backward(
-        grad, q, k, v, _rank4(attn_mask), topk=topk, is_causal=is_causal, scale=scale,
-        chunk_size=chunk_size, mask_grad=mask_grad)
-    dmask = q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape)
-    # contiguous, as the fake kernel promises whatever the inputs' layouts
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
-
-
-@_topk_attention_backward_op.register_fake
-def _topk_attention_backward_fake(grad, q, k, v, attn_mask, topk, is_causal, scale, chunk_size,
-                                  mask_grad):
-    contiguous = torch.contiguous_format
-    dmask = (torch.empty_like(attn_mask, memory_format=contiguous)
-             if mask_grad and attn_mask is not None else q.new_empty(0))
-    return (torch.empty_like(q, memory_format=contiguous),
-            torch.empty_like(k, memory_format=contiguous),
-            torch.empty_like(v, memory_format=contiguous), dmask)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, topk, attn_mask, is_causal, scale, chunk_size, _impl = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.params = (topk, is_causal, _scale(q, scale), chunk_size)
-
-
-def _backward(ctx, grad):
-    q, k, v, attn_mask = ctx.saved_tensors
-    topk, is_causal, scale, chunk_size = ctx.params
-    mask_grad = (attn_mask is not None and attn_mask.is_floating_point()
-                 and ctx.needs_input_grad[4])
-    dq, dk, dv, dmask = torch.ops.clusterfx.topk_attention_backward(
-        grad, q, k, v, attn_mask, topk, is_causal, scale, chunk_size, mask_grad)
-    return dq, dk, dv, None, (dmask if mask_grad else None), None, None, None, None
-
-
-_topk_attention_op.register_autograd(_backward, setup_context=_setup_context)
+__all__ = ["topk_attention", "topk_attention_reference", "counters"]
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import (
+from clusterfx.ops.topk.common import (
     chunk_scores,
     compute_dtype,
     gather_rows,

@@ -28,7 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import chunk_scores, compute_dtype, mask_rows, query_chunks, select_topk
+from clusterfx.ops.common.triton_support import interpret_enabled
+from clusterfx.ops.topk.common import (
+    chunk_scores,
+    compute_dtype,
+    mask_rows,
+    query_chunks,
+    select_topk,
+)
 
 BLOCK_M = 16  # queries per program
 BLOCK_K = 16  # selected keys per online-softmax step
@@ -41,11 +48,6 @@ BLOCK_K = 16  # selected keys per online-softmax step
 # and runs in numpy, and which compile to the same reductions on GPU.
 _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
-
-
-def interpret_enabled() -> bool:
-    """True when Triton would run kernels in its CPU interpreter (TRITON_INTERPRET set)."""
-    return bool(triton.knobs.runtime.interpret)
 
 
 def _gathered_attention_kernel(

@@ -3,7 +3,9 @@ policy changes, strictness, reports, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import ClassVar
 
 import pytest
 import sympy
@@ -14,6 +16,13 @@ import torch.nn.functional as F
 import clusterfx as cfx
 from clusterfx.models import bert_tiny, example_inputs, gpt_tiny
 from tests.helpers import compile_and_compare, run_with_grads
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoLowering(cfx.AttentionConfig):
+    """A config no lowering is registered for."""
+
+    name: ClassVar[str] = "no_lowering_here"
 
 
 def _gpt(depth=2, **kw):
@@ -122,10 +131,10 @@ def test_strict_unmatched_key_and_declined_config():
     with pytest.raises(ValueError, match="nothing.here"):
         cfx.explain(strict, ids)
     # a config without an available lowering is reported, or an error under strict
-    unknown = cfx.PatchToCluster(clusters=4)
+    unknown = _NoLowering()
     report = cfx.explain(cfx.compile(model, policy=unknown, backend="eager"), ids)
-    assert all(r.status == "kept dense" and "patch_to_cluster" in r.reason for r in report)
-    with pytest.raises(ValueError, match="patch_to_cluster cannot apply"):
+    assert all(r.status == "declined" and "no_lowering_here" in r.reason for r in report)
+    with pytest.raises(cfx.PolicyError, match="no_lowering_here cannot apply"):
         cfx.compile(model, policy=unknown, backend="eager", strict=True)(ids)
 
 

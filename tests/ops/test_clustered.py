@@ -238,12 +238,12 @@ def test_full_op_backward_uses_its_own_clusters(fn):
     q, k, v, mask = make_inputs(pad=True)
     args = [t.requires_grad_(True) for t in (q, k, v)]
     if fn == "clustered":
-        out, a = OPS.clustered_attention(*args, mask, 3, 0.4, 10, 63, 5, "hamming", 0,
+        out, a = OPS.clustered_attention(*args, mask, 0.4, 3, 10, 63, 5, "hamming", 0,
                                          "euclidean", "cpu")
         again = ca.clustered_attention_from_assignments(*args, a, 3, mask, 0.4, impl="reference")
     else:
-        out, a, idx = OPS.improved_clustered_attention(*args, mask, 3, 2, 0.4, 10, 63, 5,
-                                                       "hamming", 1, "attention", "cpu")
+        out, a, idx = OPS.improved_clustered_attention(*args, mask, 0.4, 3, 10, 63, 5,
+                                                       "hamming", 1, "attention", 2, "cpu")
         again = reference.improved_clustered_attention_from_assignments(
             *args, a, 3, mask, 0.4, topk=2, topk_indices=idx)[0]
     g = torch.randn_like(out)
@@ -303,10 +303,10 @@ def test_fuzz_shapes_cpu_against_reference(B, Hk, G, Nq, Nk, D, Dv, C, topk, pad
 
 def test_same_seed_same_result_and_global_rng_seed():
     q, k, v, _ = make_inputs(Nq=30)
-    r1 = OPS.improved_clustered_attention(q, k, v, None, 4, 3, 0.3, 10, 63, 7, "hamming", 1,
-                                          "attention", "cpu")
-    r2 = OPS.improved_clustered_attention(q, k, v, None, 4, 3, 0.3, 10, 63, 7, "hamming", 1,
-                                          "attention", "cpu")
+    r1 = OPS.improved_clustered_attention(q, k, v, None, 0.3, 4, 10, 63, 7, "hamming", 1,
+                                          "attention", 3, "cpu")
+    r2 = OPS.improved_clustered_attention(q, k, v, None, 0.3, 4, 10, 63, 7, "hamming", 1,
+                                          "attention", 3, "cpu")
     for x, y in zip(r1, r2, strict=True):
         assert torch.equal(x, y)
     torch.manual_seed(1)
@@ -385,11 +385,11 @@ def test_opcheck_every_op():
         (OPS.improved_clustered_attention_from_assignments.default,
          (*args, a, mask, 3, 2, 0.4, "reference")),
         (OPS.clustered_attention.default,
-         (*args, mask, 3, 0.4, 3, 63, 1, "hamming", 1, "attention", "cpu")),
+         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 1, "attention", "cpu")),
         (OPS.clustered_attention.default,
-         (*args, mask, 3, 0.4, 3, 63, 1, "hamming", 0, "euclidean", "cpu")),
+         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 0, "euclidean", "cpu")),
         (OPS.improved_clustered_attention.default,
-         (*args, None, 3, 2, 0.4, 3, 63, 1, "kmeans", 2, "attention", "cpu")),
+         (*args, None, 0.4, 3, 3, 63, 1, "kmeans", 2, "attention", 2, "cpu")),
     ]
     for op, op_args in cases:
         torch.library.opcheck(op, op_args)
@@ -413,7 +413,7 @@ def _stand_in_kernels():
     clustering_tr.lsh_hash = lambda x, planes: cl.lsh_hash(x, planes, impl="reference")
     clustering_tr.hamming_assign = lambda h, c: cl.popcount(
         h[..., :, None] ^ c[..., None, :], impl="reference").argmin(-1)
-    clustered_tr = types.ModuleType("clusterfx.ops.clustered.triton")
+    clustered_tr = types.ModuleType("clusterfx.ops.clustered.triton_kernels")
 
     def centroid_attention(qc, k, v, mask, scale):
         out = dense(qc.double(), k.double(), v.double(), mask, scale)
@@ -440,9 +440,10 @@ def test_triton_glue_with_stand_in_kernels_matches_reference(monkeypatch):
 
     clustering_tr, clustered_tr = _stand_in_kernels()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for pkg, mod in ((clustering_pkg, clustering_tr), (clustered_pkg, clustered_tr)):
+    for pkg, mod, attr in ((clustering_pkg, clustering_tr, "triton"),
+                           (clustered_pkg, clustered_tr, "triton_kernels")):
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
-        monkeypatch.setattr(pkg, "triton", mod, raising=False)
+        monkeypatch.setattr(pkg, attr, mod, raising=False)
     q, k, v, mask = make_inputs(Nq=20, Nk=9, dtype=torch.float32, pad=True)
     mask[0, 3:] = False  # batch 0 has 3 valid keys (< topk), batch 1 more
     for m in (None, mask):

@@ -62,7 +62,7 @@ def _load(name: str, rel: str):
 
 
 tc = _load("_clusterfx_clustering_triton_under_test", "ops/clustering/triton.py")
-ta = _load("_clusterfx_clustered_triton_under_test", "ops/clustered/triton.py")
+ta = _load("_clusterfx_clustered_triton_under_test", "ops/clustered/triton_kernels.py")
 
 B, H, HK, N, C, D, DV = 2, 4, 2, 37, 5, 16, 24
 SCALE = 1.0 / math.sqrt(D)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clusterfx as cfx
-from clusterfx.passes.graph_utils import SOFTMAXES
+from clusterfx.passes.analysis.graph_utils import SOFTMAXES
 from tests.helpers import canonical_count, compile_and_compare, count_targets
 
 B, H, N, D = 2, 4, 12, 8

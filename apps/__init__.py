@@ -1,0 +1,2 @@
+"""Applications built on the compiler: the demo, and the shared helpers of long-running
+commands (progress lines, side-by-side timing). Above `compiler/`, below `bench/` and `cli/`."""

@@ -1,0 +1,36 @@
+"""Benchmarks (`clusterfx bench NAME`): each module has `add_arguments(parser)` and
+`run(args) -> exit code`, raises ValueError for bad input, and prints ratios measured side by
+side with shapes, dtype, device, threads and machine load. Modules are imported when their
+benchmark runs (some import transformers)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A `clusterfx bench NAME` entry: its help and the module that runs it."""
+
+    help: str
+    module: str
+
+    def load(self):
+        return importlib.import_module(f"clusterfx.bench.{self.module}")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        self.load().add_arguments(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return self.load().run(args)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "passes": Benchmark("pass-pipeline cost vs whole compile time", "passes"),
+    "attention": Benchmark("dense SDPA vs clustered / i-clustered / top-k: time, memory",
+                           "attention"),
+    "quality": Benchmark("pretrained all-MiniLM-L6-v2, attention rewritten without retraining: "
+                         "embedding cosine and retrieval vs dense", "quality"),
+}
