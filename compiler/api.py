@@ -90,7 +90,8 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     if key is not None:
         warnings.warn(f"mesh={mesh!r}: {NOT_AVAILABLE}", stacklevel=2)
     state = CompileState(resolved, backend, Path(dump_dir) if dump_dir is not None else None,
-                         mesh=mesh, mesh_key=key)
+                         mesh=mesh, mesh_key=key,
+                         root=model if isinstance(model, torch.nn.Module) else None)
     compiled = torch.compile(model, backend=ClusterfxBackend(state), **torch_compile_kwargs)
     if isinstance(model, torch.nn.Module):
         return CompiledModule(model, compiled, state)
@@ -110,7 +111,8 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
         example_inputs,)
     resolved = Policy.make(policy, strict=strict)
     check_stop_after(stop_after)
-    state = CompileState(resolved, "eager", stop_after=stop_after)
+    state = CompileState(resolved, "eager", stop_after=stop_after,
+                         root=model if isinstance(model, torch.nn.Module) else None)
     captured: list[fx.GraphModule] = []
 
     class _Keep(ClusterfxBackend):

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from clusterfx.compiler.install import lift_installed, with_parameters
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
 from clusterfx.passes.base import PassContext
@@ -55,11 +56,16 @@ class ClusterfxBackend:
             self._subgraph_counter[cid] = n + 1
         pass_ctx = PassContext(concrete=dict(zip(placeholders, example_inputs)),
                                graph_index=index, compile_id=f"{_frame_key()}/{n}",
-                               tag_prefix=self.state.telemetry.token)
+                               tag_prefix=self.state.telemetry.token, root=self.state.root)
         record = self.state.manager.run(gm, pass_ctx, self.state.stop_after,
                                         self.state.dump_dir)
         with self.state.lock:
             self.state.records.append(record)
+        lifted = lift_installed(gm)  # modules a rewrite added to the model (compiler/install)
+        if lifted is not None:
+            gm, params = lifted
+            return with_parameters(_downstream(self.state.backend, gm, [*example_inputs, *params],
+                                               mode, options, self.state.cache_key()), params)
         return _downstream(self.state.backend, gm, example_inputs, mode, options,
                            self.state.cache_key())
 

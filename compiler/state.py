@@ -22,6 +22,7 @@ class CompileState:
     stop_after: str | None = None
     mesh: Any = None
     mesh_key: str | None = None
+    root: Any = None  # the compiled nn.Module, where rewrites install learnable modules
     records: list[GraphRecord] = field(default_factory=list)
     telemetry: SiteCounts = field(default_factory=new_sink, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
