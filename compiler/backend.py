@@ -63,9 +63,10 @@ class ClusterfxBackend:
             self.state.records.append(record)
         lifted = lift_installed(gm)  # modules a rewrite added to the model (compiler/install)
         if lifted is not None:
-            gm, params = lifted
-            return with_parameters(_downstream(self.state.backend, gm, [*example_inputs, *params],
-                                               mode, options, self.state.cache_key()), params)
+            gm, params, examples = lifted
+            return with_parameters(_downstream(self.state.backend, gm,
+                                               [*example_inputs, *examples], mode, options,
+                                               self.state.cache_key()), params)
         return _downstream(self.state.backend, gm, example_inputs, mode, options,
                            self.state.cache_key())
 

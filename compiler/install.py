@@ -26,9 +26,14 @@ def _installed(gm: fx.GraphModule) -> list[fx.Node]:
             if n.op == "get_attr" and str(n.target).startswith(INSTALLED_PREFIX)]
 
 
-def lift_installed(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]] | None:
+def lift_installed(gm: fx.GraphModule
+                   ) -> tuple[fx.GraphModule, list[torch.Tensor], list[torch.Tensor]] | None:
     """(a copy of `gm` whose installed parameters are trailing inputs, those parameters in
-    input order), or None when the rewrites installed nothing."""
+    input order, their example values), or None when the rewrites installed nothing.
+
+    The example values are the static-shape fake tensors the lowering gave the `get_attr`
+    nodes: handed real tensors, AOT would fakify them with fresh symbolic sizes that dynamo's
+    guards have no source for."""
     if not _installed(gm):
         return None
     graph = fx.Graph()
@@ -36,6 +41,7 @@ def lift_installed(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tenso
     graph.output(graph.graph_copy(gm.graph, env))
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     params: list[torch.Tensor] = []
+    examples: list[torch.Tensor] = []
     seen: dict[str, fx.Node] = {}
     for node in [env[n] for n in _installed(gm)]:
         target = str(node.target)
@@ -44,12 +50,13 @@ def lift_installed(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tenso
                 seen[target] = last = graph.placeholder(f"installed_{len(params)}")
             last.meta = dict(node.meta)
             params.append(gm.get_parameter(target))
+            examples.append(node.meta.get("example_value", params[-1]))
         node.replace_all_uses_with(seen[target])
         graph.erase_node(node)
     lifted = fx.GraphModule(gm, graph)
     # not dynamo's graph any more: AOT must not look for dynamo sources of the new inputs
     lifted.meta = {k: v for k, v in gm.meta.items() if k != "dynamo_compile_id"}
-    return lifted, params
+    return lifted, params, examples
 
 
 def with_parameters(compiled: Callable, params: list[torch.Tensor]) -> Callable:

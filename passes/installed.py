@@ -34,15 +34,20 @@ def attribute_name(path: str, name: str) -> str:
     return INSTALLED_PREFIX + f"{path}.{name}".strip(".").replace(".", "__")
 
 
+def require_module(root) -> None:
+    """Decline unless a module was compiled (a plain function has nowhere to hold modules)."""
+    if not isinstance(root, torch.nn.Module):
+        raise Decline("it adds a learnable module to the model, and what was compiled is not "
+                      "an nn.Module; compile the module itself")
+
+
 def install(root: torch.nn.Module | None, path: str, name: str,
             build: Callable[[], torch.nn.Module],
             fits: Callable[[torch.nn.Module], str]) -> tuple[torch.nn.Module, bool]:
     """The module at `path.name` of `root`: the one already installed, or `build()` installed
     now. `fits(existing)` returns "" when an existing module can serve, else why not.
     Returns (module, created). Raises Decline when there is nowhere to install."""
-    if not isinstance(root, torch.nn.Module):
-        raise Decline("it adds a learnable module to the model, and what was compiled is not "
-                      "an nn.Module; compile the module itself")
+    require_module(root)
     try:
         owner = root.get_submodule(path) if path else root
     except AttributeError:

@@ -39,7 +39,7 @@ from clusterfx.ops.paca.clustering import cluster_logits
 from clusterfx.passes.analysis.graph_utils import value_of
 from clusterfx.passes.analysis.projection import shared_input
 from clusterfx.passes.cost_model import Cost, Dims, register_cost
-from clusterfx.passes.installed import install, read_parameters
+from clusterfx.passes.installed import install, read_parameters, require_module
 from clusterfx.passes.lowerings.common import require_no_dropout
 from clusterfx.passes.lowerings.patch_grid import MAX_PREFIX_TOKENS, grids_of
 from clusterfx.passes.registry import LoweringContext, register_lowering
@@ -97,8 +97,6 @@ def _tokens(editor, x: fx.Node, batch, n: int, like: fx.Node) -> fx.Node:
 def _grid(root, config: PatchToCluster) -> tuple[int, int]:
     if config.grid is not None:
         return config.grid
-    if root is None:
-        raise Decline("no patch grid: give PatchToCluster(grid=(H, W))")
     grids = grids_of(root)
     if not grids:
         raise Decline("no patch grid found on the model (no submodule has grid_size, or "
@@ -127,6 +125,7 @@ def _prefix(n: int, grid: tuple[int, int], config: PatchToCluster) -> int:
 def lower_patch_to_cluster(lctx: LoweringContext, node: fx.Node, site: Site,
                            config: PatchToCluster) -> fx.Node:
     _check_site(node, site, config)
+    require_module(lctx.ctx.root)
     q, k, v = node.args[:3]
     x, projections, why = shared_input(q, k, v)
     if x is None:
