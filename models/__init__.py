@@ -6,16 +6,25 @@ import torch
 
 from .bert import Bert, bert_tiny
 from .gpt import GPT, gpt_tiny
+from .paca_vit import PaCaViT, paca_vit_small, paca_vit_tiny
+from .tcformer import MTANeck, TCFormer, tcformer, tcformer_light
 from .vit import ViT, vit_tiny
 
 __all__ = [
     "MODEL_FACTORIES",
     "GPT",
     "Bert",
+    "MTANeck",
+    "PaCaViT",
+    "TCFormer",
     "ViT",
     "bert_tiny",
     "example_inputs",
     "gpt_tiny",
+    "paca_vit_small",
+    "paca_vit_tiny",
+    "tcformer",
+    "tcformer_light",
     "vit_tiny",
 ]
 
