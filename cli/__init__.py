@@ -20,6 +20,7 @@ from typing import Any
 
 from clusterfx.apps.common import BACKENDS, compile_and_run
 from clusterfx.apps.demo import run_demo
+from clusterfx.apps.digits import add_parser as add_train_parser
 from clusterfx.bench import BENCHMARKS
 from clusterfx.cli.loading import build_inputs, build_model, parse_policy
 from clusterfx.compiler.equivalence import check_equivalence
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = bench_sub.add_parser(name, help=entry.help)
         entry.add_arguments(p)
         p.set_defaults(func=entry.run)
+    add_train_parser(sub)  # clusterfx train digits --model ...
     return parser
 
 
