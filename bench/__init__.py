@@ -33,4 +33,6 @@ BENCHMARKS: dict[str, Benchmark] = {
                            "attention"),
     "quality": Benchmark("pretrained all-MiniLM-L6-v2, attention rewritten without retraining: "
                          "embedding cosine and retrieval vs dense", "quality"),
+    "paca": Benchmark("patch-to-cluster attention vs dense MHA, DPC-kNN global vs local: "
+                      "time, memory", "paca"),
 }

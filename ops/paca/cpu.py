@@ -31,10 +31,11 @@ def paca_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits
     if prefix:
         kc = torch.cat([k[:, :, :prefix].to(work), kc], dim=2)  # (B, H, P + M, D)
         vc = torch.cat([v[:, :, :prefix].to(work), vc], dim=2)
+    if not prefix:  # no rows to stitch together
+        return F.scaled_dot_product_attention(q.to(work), kc, vc, scale=scale).to(q.dtype)
     out = torch.empty(b, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
     out[:, :, prefix:] = F.scaled_dot_product_attention(q[:, :, prefix:].to(work), kc, vc,
                                                         scale=scale)
-    if prefix:
-        out[:, :, :prefix] = F.scaled_dot_product_attention(
-            q[:, :, :prefix].to(work), k.to(work), v.to(work), scale=scale)
+    out[:, :, :prefix] = F.scaled_dot_product_attention(
+        q[:, :, :prefix].to(work), k.to(work), v.to(work), scale=scale)
     return out
