@@ -305,7 +305,8 @@ def test_aot_backend_equals_eager_backend_outputs_and_gradients():
     model = vit()
     policy = cfx.PatchToCluster(clusters=4, clustering="mlp")
     eager = cfx.compile(model, policy=policy, backend="eager")
-    aot = cfx.compile(model, policy=policy, backend="aot_eager", dynamic=True)  # batch symbolic
+    # automatic dynamic shapes: the second batch size recompiles with a symbolic batch only
+    aot = cfx.compile(model, policy=policy, backend="aot_eager")
     params = list(dict(model.named_parameters()).values())
     for batch in (2, 3):
         x = images(batch, seed=batch)
@@ -327,3 +328,15 @@ def test_aot_backend_equals_eager_backend_outputs_and_gradients():
         for a, b in zip(g2, g1):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert sum("paca_clustering" in n for n, _ in model.named_parameters()) == 2 * 5
+    report = cfx.explain(aot)
+    assert report.compiles == 2 and all(r.status == "rewritten" for r in report)
+
+
+def test_dynamic_image_size_is_declined_with_the_reason():
+    # (the timm-style model: with dynamic=True the canonicaliser leaves the reference ViT's
+    # nn.Dropout spelling unsupported, which is not this rewrite's concern)
+    compiled = cfx.compile(VisionTransformer().eval(), policy=cfx.PatchToCluster(clusters=4),
+                           backend="eager", dynamic=True)
+    compiled(images())
+    rows = [r for r in cfx.explain(compiled) if r.status == "declined"]
+    assert rows and all("the sequence length is dynamic" in r.reason for r in rows)
