@@ -1,6 +1,5 @@
 """Tests for `clusterfx::topk_attention`; the oracle is `topk_attention_reference` in float64."""
 
-import math
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterfx.ops.topk import counters, topk_attention, topk_attention_reference
+from tests.helpers import oracle_tolerance
 
 F64 = torch.float64
 TRITON = pytest.mark.triton
@@ -41,8 +41,7 @@ def make_mask(kind, b, h, nq, nk, seed=1):
 def tolerance(dtype, ref, d):
     """|impl - float64 oracle| bound: one ulp of output rounding in ``dtype`` (Triton's
     interpreter truncates instead of rounding) plus fp32 score error growing like sqrt(D)."""
-    eps = torch.finfo(dtype).eps
-    return (2 * eps + 4 * math.sqrt(d) * torch.finfo(torch.float32).eps) * max(ref.abs().max(), 1)
+    return oracle_tolerance(dtype, ref, reduction=d, accumulation_ulps=4.0, floor=1.0)
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
