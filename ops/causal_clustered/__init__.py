@@ -150,7 +150,7 @@ def causal_clustered_attention_from_choices(q: torch.Tensor, k: torch.Tensor, v:
     Shapes: as above → (B, H, Nq, Dv).
     """
     checks.check_inputs(q, k, v, key_padding_mask, scale, causal)
-    checks.check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block)
+    checks.check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block, causal)
     registration.resolve(impl)
     return torch.ops.clusterfx.causal_clustered_attention_from_choices(
         q, k, v, key_padding_mask, key_assign, query_assign, topk_idx, clusters,

@@ -58,14 +58,16 @@ def check_topk(topk) -> None:
     check_int("topk", topk, 0)
 
 
-def check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block) -> None:
-    """The discrete choices of one call: key assignments (B,Hk,Nk), query assignments
-    (B,H,Nq), top-k indices (B,H,ceil(Nq/block),clusters,k) with -1 for "none", all int64."""
+def check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block, causal) -> None:
+    """The discrete choices of one call: key assignments (B,Hk,E,Nk) (E: one per epoch when
+    causal, else 1), query assignments (B,H,Nq), top-k indices (B,H,ceil(Nq/block),clusters,k)
+    with -1 for "none", all int64."""
     check_positive_int("clusters", clusters)
     check_block(block)
     B, H, Nq = q.shape[:3]
     nb = (Nq + block - 1) // block
-    for name, t, shape in (("key_assign", key_assign, (B, k.shape[1], k.shape[2])),
+    epochs = (nb - 1).bit_length() + 1 if causal else 1
+    for name, t, shape in (("key_assign", key_assign, (B, k.shape[1], epochs, k.shape[2])),
                            ("query_assign", query_assign, (B, H, Nq))):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
             raise ValueError(f"{name} must be an int64 tensor, got "

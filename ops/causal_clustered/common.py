@@ -18,6 +18,53 @@ def nblocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
+def refreshes(beta: int) -> bool:
+    """Whether the codebooks are rebuilt at the start of block β: at β = 1, 2, 4, 8, … Blocks
+    [r, 2r) form an epoch that uses the codebooks of the positions before block r, so the
+    clustering is O(log N) batched steps, a cluster's top-k keys can be kept up to date by
+    merging each new block's keys, and the rebuilds cost O(C·N) in all."""
+    return beta >= 1 and beta & (beta - 1) == 0
+
+
+def epoch_of(beta: int) -> int:
+    """The epoch of block β: 0 for block 0, e for blocks [2^(e-1), 2^e)."""
+    return 0 if beta == 0 else beta.bit_length()
+
+
+def epochs(nb: int) -> list[tuple[int, int]]:
+    """The (first, end) blocks of each epoch ≥ 1 for nb blocks: (1, 2), (2, 4), (4, 8), …"""
+    out, r = [], 1
+    while r < nb:
+        out.append((r, min(2 * r, nb)))
+        r *= 2
+    return out
+
+
+def key_epochs(nb: int, causal: bool) -> int:
+    """Key assignments kept per key row: one per epoch (causal), or one (all keys)."""
+    return epoch_of(nb - 1) + 1 if causal else 1
+
+
+def blocks(x: torch.Tensor, block: int, nb: int) -> torch.Tensor:
+    """(..., N, E) → (..., nb, block, E), zero-padded at the end."""
+    pad = nb * block - x.shape[-2]
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], -2)
+    return x.unflatten(-2, (nb, block))
+
+
+def flag_blocks(x: torch.Tensor, block: int, nb: int) -> torch.Tensor:
+    """(..., N) bool → (..., nb, block), False-padded at the end."""
+    return blocks(x[..., None].to(torch.int8), block, nb)[..., 0].bool()
+
+
+def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ over the entries strictly before each one along ``dim`` (no add-then-subtract, so an
+    entry never depends on itself or later ones, bit for bit)."""
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat([zero, x.cumsum(dim).narrow(dim, 0, x.shape[dim] - 1)], dim)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Every random choice of one call, drawn up front on the CPU (so that every backend on

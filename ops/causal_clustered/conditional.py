@@ -24,9 +24,10 @@ discrete choices are held fixed; the backward is the opaque op
 gradient flows to ``attn_mask``; the lowering declines masks that require grad.
 
 Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), v (B,Hk,Nk,Dv); attn_mask broadcastable to
-(B,H,Nq,Nk), bool (True = attend) or additive → out (B,H,Nq,Dv), key_assign (B,Hk,Nk),
-query_assign (B,H,Nq), topk_idx (B,H,ceil(Nq/block),C,k), fam_assign (B,H,Nq) (the pooled
-path's query clusters), path () — all int64, zeros where a path does not use them.
+(B,H,Nq,Nk), bool (True = attend) or additive → out (B,H,Nq,Dv),
+key_assign (B,Hk,E,Nk) with E = 1 + ceil(log2(ceil(Nq/block))) (one per epoch; path 1 uses
+the first), query_assign (B,H,Nq), topk_idx (B,H,ceil(Nq/block),C,k), fam_assign (B,H,Nq) (the
+pooled path's query clusters), path () — all int64, zeros where a path does not use them.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ def causal_conditional_attention(
     checks.check_topk(topk)
     checks.check_block(block)
     path, keep = _choose(q, k, attn_mask, is_causal, causal_queries, min_length)
-    ka, qa, idx = (t.zero_() for t in registration.fake_choices(q, k, clusters,
-                                                                _topk(method, topk), block))
+    ka, qa, idx = (t.zero_() for t in registration.fake_choices(
+        q, k, clusters, _topk(method, topk), block, True))
     fam = torch.zeros(q.shape[:3], dtype=torch.int64, device=q.device)
     if path in (2, 3):
         telemetry.record("causal_conditional_attention", "dense", site=site, path=PATHS[path])
@@ -125,8 +126,9 @@ def causal_conditional_attention(
         backend = registration.resolve(impl)
         telemetry.record("causal_conditional_attention", backend, site=site,
                          path=f"{PATHS[path]} [{backend}]")
-        out, ka, qa, idx = registration.run(q, k, v, keep, scale, spec, _topk(method, topk),
-                                            block, path == 0, backend)
+        out, ka_run, qa, idx = registration.run(q, k, v, keep, scale, spec,
+                                                _topk(method, topk), block, path == 0, backend)
+        ka[:, :, :ka_run.shape[2]] = ka_run  # one epoch (slot 0) when every key is visible
     else:
         backend = resolve_impl(impl, q.device)
         telemetry.record("causal_conditional_attention", backend, site=site,
@@ -140,7 +142,7 @@ def causal_conditional_attention(
 @causal_conditional_attention.register_fake
 def _(q, k, v, attn_mask, scale, method, clusters, iterations, bits, seed, clustering, refine,
       metric, topk, block, is_causal, causal_queries, min_length, impl, site):
-    ka, qa, idx = registration.fake_choices(q, k, clusters, _topk(method, topk), block)
+    ka, qa, idx = registration.fake_choices(q, k, clusters, _topk(method, topk), block, True)
     return (q.new_empty(*q.shape[:3], v.shape[-1]), ka, qa, idx,
             q.new_empty(q.shape[:3], dtype=torch.int64), q.new_empty((), dtype=torch.int64))
 
@@ -162,8 +164,9 @@ def causal_conditional_attention_backward(
         _, keep = mask_structure(attn_mask, q.shape[0], q.shape[2], k.shape[2])
         mod = registration.implementation(impl)
         kv = registration.key_valid(keep, k)
+        ka = key_assign if p == 0 else key_assign[:, :, :1]
         fn = lambda q_, k_, v_: mod.attention_from_choices(  # noqa: E731
-            q_, k_, v_, kv, key_assign, query_assign, topk_idx, clusters, scale, block, p == 0)
+            q_, k_, v_, kv, ka, query_assign, topk_idx, clusters, scale, block, p == 0)
     _, vjp = torch.func.vjp(fn, q, k, v)
     dq, dk, dv = vjp(grad.contiguous())
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from clusterfx.ops.causal_clustered.common import Plan, hash_projection, nblocks
+from clusterfx.ops.causal_clustered.common import (
+    Plan,
+    epoch_of,
+    epochs,
+    hash_projection,
+    key_epochs,
+    nblocks,
+)
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common.checks import compute_dtype
 
@@ -76,123 +83,152 @@ def _nearest(x, codes, sums, counts, votes, metric, hamming: bool) -> torch.Tens
 
 
 def _contributions(x, codes, a, clusters):
+    """Sums, counts and code votes of the rows of each cluster (rows with a = -1: none)."""
     sums = torch.zeros(clusters, x.shape[-1], dtype=x.dtype)
     counts = torch.zeros(clusters, dtype=x.dtype)
     votes = torch.zeros(clusters, codes.shape[-1], dtype=x.dtype)
     for i in range(x.shape[0]):
-        sums[a[i]] += x[i]
-        counts[a[i]] += 1
-        votes[a[i]] += codes[i]
+        if a[i] >= 0:
+            sums[a[i]] += x[i]
+            counts[a[i]] += 1
+            votes[a[i]] += codes[i]
     return sums, counts, votes
-
-
-def _seeds(x, codes, priority, counts, clusters):
-    """Empty clusters, in index order, take the rows of x by increasing priority."""
-    sums = torch.zeros(clusters, x.shape[-1], dtype=x.dtype)
-    seeded = torch.zeros(clusters, dtype=x.dtype)
-    votes = torch.zeros(clusters, codes.shape[-1], dtype=x.dtype)
-    order = sorted(range(x.shape[0]), key=lambda i: (float(priority[i]), i))
-    empty = [c for c in range(clusters) if counts[c] == 0]
-    for c, i in zip(empty, order, strict=False):
-        sums[c], seeded[c], votes[c] = x[i], 1, codes[i]
-    return sums, seeded, votes
 
 
 # --------------------------------------------------------------------------- clustering
 
 
+def _lloyd(x, codes, init, new_rows, priority, spec, metric, clusters):
+    """Rebuild a codebook on the rows x (n, D): start from the assignment ``init`` (-1: none),
+    give the empty clusters (in index order) to the ``new_rows`` by increasing priority, then
+    ``iterations`` rounds (Hamming or metric, per ``spec.clustering``) and ``refine`` metric
+    rounds of (cluster means / majority codes from the assignment; reassign every row to the
+    nearest), each kind stopping early at a fixed point. → assignment (n,), (sums, counts,
+    votes), and whether later rows are assigned by Hamming distance."""
+    a = init.clone()
+    counts = torch.bincount(a[a >= 0], minlength=clusters)
+    empty = [c for c in range(clusters) if counts[c] == 0]
+    order = sorted(new_rows, key=lambda i: (float(priority[i]), i))
+    for c, i in zip(empty, order, strict=False):
+        a[i] = c
+    hamming = spec.clustering == "hamming"
+    for kind, rounds in ((hamming, spec.iterations), (False, spec.refine)):
+        previous = None
+        for _ in range(rounds):
+            stats = _contributions(x, codes, a, clusters)
+            a = _nearest(x, codes, *stats, metric, kind)
+            if previous is not None and torch.equal(a, previous):
+                break
+            previous = a
+    return a, _contributions(x, codes, a, clusters), hamming and spec.refine == 0
+
+
 def cluster_keys(q, k, key_valid, spec: ClusteringSpec, block: int, causal: bool,
                  plan: Plan) -> torch.Tensor:
-    """Streaming k-means of the keys, block by block (the package docstring, "Clustering").
+    """The key clusters each epoch uses (the package docstring, "Clustering").
 
-    Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), key_valid (B,Nk) bool → (B,Hk,Nk) int64 (0 for
-    padded keys).
+    Causal: at the start of epoch e (blocks [r, 2r)), the keys before block r are re-clustered
+    (``_lloyd``, warm-started from their previous assignment, new keys seeding empty clusters;
+    metric: the second moment of the queries before block r), then each key of the epoch's
+    blocks joins the nearest of those clusters — except that clusters still empty are given to
+    the epoch's keys in (block, priority) order. ``causal=False``: one clustering of every key
+    (Euclidean).
+
+    Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), key_valid (B,Nk) bool → (B,Hk,E,Nk) int64, E =
+    ``key_epochs`` (0 for padded keys and keys an epoch does not use).
     """
     cdt = compute_dtype(q)
     B, H, Nq, D = q.shape
     Hk, Nk, C = k.shape[1], k.shape[2], spec.clusters
-    G, hamming = H // Hk, spec.clustering == "hamming"
+    G, nb = H // Hk, nblocks(Nk, block)
     planes = plan.planes.cpu()
-    out = torch.zeros(B, Hk, Nk, dtype=torch.int64)
+    out = torch.zeros(B, Hk, key_epochs(nb, causal), Nk, dtype=torch.int64)
     for bi in range(B):
+        valid = [j for j in range(Nk) if key_valid[bi, j]]
         for hk in range(Hk):
             keys = k[bi, hk].detach().cpu().to(cdt)
             prio = plan.key_priority[bi * Hk + hk].cpu()
-            sums, counts = torch.zeros(C, D, dtype=cdt), torch.zeros(C, dtype=cdt)
-            votes = torch.zeros(C, planes.shape[0], dtype=cdt)
-            for beta in range(nblocks(Nk, block)):
-                lo, hi = beta * block, min(Nk, (beta + 1) * block)
-                pos = [j for j in range(lo, hi) if key_valid[bi, j]]
-                if not pos:
-                    continue
-                x = keys[pos]
+            if not causal:
+                x = keys[valid]
+                codes = _codes(x, x.mean(0) if valid else 0, None, planes)
+                a, _, _ = _lloyd(x, codes, torch.full((len(valid),), -1), range(len(valid)),
+                                 prio[valid], spec, None, C)
+                out[bi, hk, 0, valid] = a
+                continue
+            state = torch.full((Nk,), -1, dtype=torch.int64)
+            for e, (r, end) in enumerate(epochs(nb), start=1):
+                pre = [j for j in valid if j < r * block]
+                ep = [j for j in valid if r * block <= j < end * block]
                 metric = None
-                if causal and spec.metric == "attention":  # queries of blocks <= beta
-                    qs = [q[bi, hk * G + g, i] for g in range(G) for i in range(hi)
+                if spec.metric == "attention":
+                    qs = [q[bi, hk * G + g, i] for g in range(G) for i in range(min(r * block,
+                                                                                      Nq))
                           if key_valid[bi, i]]
-                    metric = _second_moment(torch.stack(qs).detach().cpu().to(cdt))
-                seen = [j for j in range(hi) if key_valid[bi, j]]
-                codes = _codes(x, keys[seen].mean(0), metric, planes)
-                s_b, n_b, v_b = _seeds(x, codes, prio[pos], counts, C)
-                for _ in range(spec.iterations):
-                    a = _nearest(x, codes, sums + s_b, counts + n_b, votes + v_b, metric,
-                                 hamming)
-                    s_b, n_b, v_b = _contributions(x, codes, a, C)
-                for _ in range(spec.refine):
-                    a = _nearest(x, codes, sums + s_b, counts + n_b, votes + v_b, metric, False)
-                    s_b, n_b, v_b = _contributions(x, codes, a, C)
-                sums, counts, votes = sums + s_b, counts + n_b, votes + v_b
-                out[bi, hk, pos] = a
+                    metric = _second_moment(torch.stack(qs).detach().cpu().to(cdt)) if qs \
+                        else None
+                x = keys[pre]
+                centre = x.mean(0) if pre else torch.zeros(D, dtype=cdt)
+                codes = _codes(keys, centre, metric, planes)
+                new = [n for n, j in enumerate(pre) if j >= (r // 2) * block]
+                a, stats, hamming = _lloyd(x, codes[pre], state[pre], new, prio[pre], spec,
+                                           metric, C)
+                state[pre] = a
+                free = [c for c in range(C) if stats[1][c] == 0]
+                order = sorted(ep, key=lambda j: (j // block, float(prio[j]), j))
+                seeded = dict(zip(order, free, strict=False))
+                if ep:
+                    near = _nearest(keys[ep], codes[ep], *stats, metric, hamming)
+                    state[ep] = torch.tensor([seeded.get(j, int(n)) for j, n in zip(ep, near)])
+                out[bi, hk, e, pre + ep] = state[pre + ep]
     return out.to(q.device)
 
 
 def cluster_queries(q, k, query_valid, key_valid, spec: ClusteringSpec, block: int,
                     causal: bool, plan: Plan):
-    """Causal query clustering for the i-clustered selection: block β's queries are assigned
-    to the nearest centroid of the clusters of the queries of blocks < β (a frozen codebook),
-    then the block joins the codebook (empty clusters seeded by priority).
+    """Causal query clustering for the i-clustered selection: at the start of epoch e (blocks
+    [r, 2r)) the queries before block r are re-clustered (``_lloyd``; metric: the covariance of
+    the keys before block r, or of all keys when ``causal=False``), and every query of the
+    epoch is assigned to the nearest of those clusters (never seeding one: a centroid must not
+    be a later query).
 
     Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), query_valid (B,Nq), key_valid (B,Nk) →
-    assignments (B,H,Nq) int64 (0 in the first block), centroids (B,H,nb,C,D) and exists
-    (B,H,nb,C) bool: the codebook each block was assigned with.
+    assignments (B,H,Nq) int64 (0 in block 0), centroids (B,H,nb,C,D) and exists (B,H,nb,C)
+    bool: the codebook each block was assigned with.
     """
     cdt = compute_dtype(q)
     B, H, Nq, D = q.shape
     Hk, C = k.shape[1], spec.clusters
-    G, hamming, nb = H // Hk, spec.clustering == "hamming", nblocks(Nq, block)
+    G, nb = H // Hk, nblocks(Nq, block)
     planes = plan.planes.cpu()
     assign = torch.zeros(B, H, Nq, dtype=torch.int64)
     cents = torch.zeros(B, H, nb, C, D, dtype=cdt)
     exists = torch.zeros(B, H, nb, C, dtype=torch.bool)
     for bi in range(B):
+        valid = [i for i in range(Nq) if query_valid[bi, i]]
         for h in range(H):
             xs = q[bi, h].detach().cpu().to(cdt)
             keys = k[bi, h // G].detach().cpu().to(cdt)
             prio = plan.query_priority[bi * H + h].cpu()
-            sums, counts = torch.zeros(C, D, dtype=cdt), torch.zeros(C, dtype=cdt)
-            votes = torch.zeros(C, planes.shape[0], dtype=cdt)
-            for beta in range(nb):
-                lo, hi = beta * block, min(Nq, (beta + 1) * block)
-                exists[bi, h, beta] = counts > 0
-                cents[bi, h, beta] = sums / counts.clamp(min=1)[:, None]
-                visible = [j for j in range(keys.shape[0])
-                           if key_valid[bi, j] and (not causal or j < lo)]
-                metric = _covariance(keys[visible]) if spec.metric == "attention" else None
-                before = [i for i in range(lo) if query_valid[bi, i]]
-                centre = xs[before].mean(0) if before else torch.zeros(D, dtype=cdt)
-                x = xs[lo:hi]
-                codes = _codes(x, centre, metric, planes)
-                if bool((counts > 0).any()):
-                    assign[bi, h, lo:hi] = _nearest(x, codes, sums, counts, votes, metric,
-                                                    hamming)
-                rows = [i - lo for i in range(lo, hi) if query_valid[bi, i]]
-                if not rows:
-                    continue
-                s_b, n_b, v_b = _seeds(x[rows], codes[rows], prio[lo:hi][rows], counts, C)
-                a = _nearest(x[rows], codes[rows], sums + s_b, counts + n_b, votes + v_b,
-                             metric, hamming)
-                s_b, n_b, v_b = _contributions(x[rows], codes[rows], a, C)
-                sums, counts, votes = sums + s_b, counts + n_b, votes + v_b
+            state = torch.full((Nq,), -1, dtype=torch.int64)
+            for r, end in epochs(nb):
+                pre = [i for i in valid if i < r * block]
+                seen = [j for j in range(keys.shape[0])
+                        if key_valid[bi, j] and (not causal or j < r * block)]
+                metric = _covariance(keys[seen]) if spec.metric == "attention" else None
+                centre = xs[pre].mean(0) if pre else torch.zeros(D, dtype=cdt)
+                codes = _codes(xs, centre, metric, planes)
+                new = [n for n, i in enumerate(pre) if i >= (r // 2) * block]
+                a, stats, hamming = _lloyd(xs[pre], codes[pre], state[pre], new, prio[pre],
+                                           spec, metric, C)
+                state[pre] = a
+                sums, counts = stats[0], stats[1]
+                exists[bi, h, r:end] = counts > 0
+                cents[bi, h, r:end] = sums / counts.clamp(min=1)[:, None]
+                lo, hi = r * block, min(Nq, end * block)
+                assign[bi, h, lo:hi] = _nearest(xs[lo:hi], codes[lo:hi], *stats, metric,
+                                                hamming)
+                ep = [i for i in valid if lo <= i < hi]
+                state[ep] = assign[bi, h, ep]
     dev = q.device
     return assign.to(dev), cents.to(dev), exists.to(dev)
 
@@ -232,43 +268,51 @@ def effective_logits(q, k, key_valid, key_assign, query_assign, topk_idx, cluste
     """The Nq×Nk logits the approximation gives (module docstring): exact on local and
     selected keys, the cluster-mean logit on the other far keys, -inf on the rest.
 
-    Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), key_valid (B,Nk), key_assign (B,Hk,Nk),
-    query_assign (B,H,Nq), topk_idx (B,H,nb,C,kk) → (B,H,Nq,Nk) in the compute dtype.
+    Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), key_valid (B,Nk), key_assign (B,Hk,E,Nk) (query
+    block β reads epoch ``epoch_of(β)``, or 0 when ``causal=False``), query_assign (B,H,Nq),
+    topk_idx (B,H,nb,C,kk) → (B,H,Nq,Nk) in the compute dtype.
     """
     cdt = compute_dtype(q)
     B, H, Nq, D = q.shape
-    G = H // k.shape[1]
+    G, Nk = H // k.shape[1], k.shape[2]
     q, k = q.to(cdt), k.to(cdt).repeat_interleave(G, dim=1)
-    ak = key_assign.repeat_interleave(G, dim=1)  # (B,H,Nk)
     i = torch.arange(Nq, device=q.device)[:, None]
-    j = torch.arange(k.shape[2], device=q.device)[None, :]
+    j = torch.arange(Nk, device=q.device)[None, :]
     start = (i // block) * block
     valid = key_valid[:, None, None, :]
     local = ((j >= start) & (j <= i) if causal else torch.zeros_like(j >= i)) & valid
     far = ((j < start) if causal else torch.ones_like(j >= i)) & valid
-    selected = torch.zeros(B, H, Nq, k.shape[2] + 1, dtype=torch.bool, device=q.device)
+    selected = torch.zeros(B, H, Nq, Nk + 1, dtype=torch.bool, device=q.device)
     if topk_idx.shape[-1]:
         rows = topk_idx[torch.arange(B)[:, None, None], torch.arange(H)[None, :, None],
                         (i[:, 0] // block)[None, None, :], query_assign]  # (B,H,Nq,kk)
-        selected.scatter_(-1, torch.where(rows < 0, k.shape[2], rows), True)
+        selected.scatter_(-1, torch.where(rows < 0, Nk, rows), True)
     selected = selected[..., :-1] & far
     rem = (far & ~selected).to(cdt)
-    one_hot = torch.nn.functional.one_hot(ak, clusters).to(cdt)  # (B,H,Nk,C)
-    counts = rem @ one_hot  # (B,H,Nq,C)
-    sums = (rem @ (one_hot[..., None] * k[..., None, :]).flatten(-2)).unflatten(-1, (
-        clusters, D))  # (B,H,Nq,C,D)
-    means = sums / counts.clamp(min=1)[..., None]
-    mean_logit = scale * torch.einsum("bhid,bhicd->bhic", q, means)
-    per_key = mean_logit.gather(-1, ak[:, :, None, :].expand(B, H, Nq, -1))
+    per_key = torch.full((B, H, Nq, Nk), float("-inf"), dtype=cdt, device=q.device)
+    epoch = torch.tensor([epoch_of(int(x)) if causal else 0 for x in i[:, 0] // block])
+    for e in range(key_assign.shape[2]):
+        rows_e = (epoch == e).nonzero()[:, 0].to(q.device)  # the queries of epoch e
+        ak = key_assign[:, :, e].repeat_interleave(G, dim=1)  # (B,H,Nk)
+        one_hot = torch.nn.functional.one_hot(ak, clusters).to(cdt)  # (B,H,Nk,C)
+        r = rem[:, :, rows_e]
+        counts = r @ one_hot  # (B,H,n_e,C): far unselected members per cluster
+        sums = (r @ (one_hot[..., None] * k[..., None, :]).flatten(-2)).unflatten(
+            -1, (clusters, D))  # (B,H,n_e,C,D)
+        means = sums / counts.clamp(min=1)[..., None]
+        mean_logit = scale * torch.einsum("bhid,bhicd->bhic", q[:, :, rows_e], means)
+        per_key[:, :, rows_e] = mean_logit.gather(-1, ak[:, :, None, :].expand(
+            B, H, rows_e.numel(), Nk))
     exact = scale * q @ k.transpose(-1, -2)
-    ninf = torch.full_like(exact, float("-inf"))
-    return torch.where(local | selected, exact, torch.where(rem > 0, per_key, ninf))
+    return torch.where(local | selected, exact,
+                       torch.where(rem > 0, per_key, torch.full_like(exact, float("-inf"))))
 
 
 def attention_from_choices(q, k, v, key_valid, key_assign, query_assign, topk_idx, clusters,
-                           scale, block, causal):
-    """``softmax(effective_logits) V``. Shapes: as ``effective_logits``, v (B,Hk,Nk,Dv) →
-    (B,H,Nq,Dv) in q's dtype."""
+                           scale, block, causal, differentiable=True):
+    """``softmax(effective_logits) V`` (always differentiable: ``differentiable`` is accepted
+    for the implementations' common signature). Shapes: as ``effective_logits``,
+    v (B,Hk,Nk,Dv) → (B,H,Nq,Dv) in q's dtype."""
     logits = effective_logits(q, k, key_valid, key_assign, query_assign, topk_idx, clusters,
                               scale, block, causal)
     G = q.shape[1] // k.shape[1]

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.causal_clustered import checks
-from clusterfx.ops.causal_clustered.common import draw_plan, nblocks
+from clusterfx.ops.causal_clustered.common import draw_plan, key_epochs, nblocks
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
 
@@ -82,21 +82,22 @@ def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
         qa = torch.zeros(B, H, Nq, dtype=torch.int64, device=q.device)
         idx = torch.zeros(B, H, nb, spec.clusters, 0, dtype=torch.int64, device=q.device)
     out = mod.attention_from_choices(q, k, v, kv, ka, qa, idx, spec.clusters, scale, block,
-                                     causal)
+                                     causal, differentiable=False)
     return out.contiguous(), ka.contiguous(), qa.contiguous(), idx.contiguous()
 
 
-def fake_choices(q, k, clusters: int, topk: int, block: int):
+def fake_choices(q, k, clusters: int, topk: int, block: int, causal: bool):
     """Uninitialised (key_assign, query_assign, topk_idx) of the shapes a call returns."""
     B, H, Nq = q.shape[:3]
     nb = (Nq + block - 1) // block
-    return (q.new_empty(B, k.shape[1], k.shape[2], dtype=torch.int64),
+    return (q.new_empty(B, k.shape[1], key_epochs(nb, causal), k.shape[2], dtype=torch.int64),
             q.new_empty(B, H, Nq, dtype=torch.int64),
             q.new_empty(B, H, nb, clusters, topk_width(topk, k.shape[2]), dtype=torch.int64))
 
 
-def _fake_outputs(q, k, v, clusters, topk, block):
-    return (q.new_empty(*q.shape[:3], v.shape[-1]), *fake_choices(q, k, clusters, topk, block))
+def _fake_outputs(q, k, v, clusters, topk, block, causal):
+    return (q.new_empty(*q.shape[:3], v.shape[-1]),
+            *fake_choices(q, k, clusters, topk, block, causal))
 
 
 @torch.library.custom_op("clusterfx::causal_clustered_attention", mutates_args=())
@@ -122,7 +123,7 @@ def _(q, k, v, key_padding_mask, scale, clusters, iterations, bits, seed, cluste
     checks.check_topk(topk)
     checks.check_block(block)
     resolve(impl)
-    return _fake_outputs(q, k, v, clusters, topk, block)
+    return _fake_outputs(q, k, v, clusters, topk, block, causal)
 
 
 @torch.library.custom_op("clusterfx::causal_clustered_attention_from_choices", mutates_args=())
@@ -132,13 +133,13 @@ def causal_clustered_attention_from_choices_op(
     causal: bool, impl: str,
 ) -> Tensor:
     checks.check_inputs(q, k, v, key_padding_mask, scale, causal)
-    checks.check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block)
+    checks.check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block, causal)
     checks.check_choice_values(key_assign, query_assign, topk_idx, clusters, k.shape[2])
     backend = resolve(impl)
     telemetry.record("causal_clustered_attention_from_choices", backend)
     out = implementation(backend).attention_from_choices(
         q, k, v, key_valid(key_padding_mask, k), key_assign, query_assign, topk_idx, clusters,
-        scale, block, causal)
+        scale, block, causal, differentiable=False)
     return out.contiguous()
 
 
@@ -146,7 +147,7 @@ def causal_clustered_attention_from_choices_op(
 def _(q, k, v, key_padding_mask, key_assign, query_assign, topk_idx, clusters, scale, block,
       causal, impl):
     checks.check_inputs(q, k, v, key_padding_mask, scale, causal)
-    checks.check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block)
+    checks.check_choices(key_assign, query_assign, topk_idx, q, k, clusters, block, causal)
     resolve(impl)
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
