@@ -194,9 +194,10 @@ def attention_from_choices(q, k, v, key_valid, key_assign, query_assign, topk_id
         den = Σ_L e^{ℓ_j-M} + Σ_c (n_c - m_c) e^{ℓ̄_c-M} + Σ_T e^{ℓ_t-M},   out = num / den
 
     (a cluster whose far keys are all selected contributes nothing). ``differentiable=False``
-    (inference) computes the local part with the fused flash kernel (when Dv = D). Shapes: q (B,H,Nq,D),
-    k (B,Hk,Nk,D), v (B,Hk,Nk,Dv), key_valid (B,Nk), key_assign (B,Hk,E,Nk), query_assign
-    (B,H,Nq), topk_idx (B,H,nb,C,kk) → (B,H,Nq,Dv) in q's dtype.
+    (inference) computes the local part with the fused flash kernel (when Dv = D).
+
+    Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), v (B,Hk,Nk,Dv), key_valid (B,Nk), key_assign
+    (B,Hk,E,Nk), query_assign (B,H,Nq), topk_idx (B,H,nb,C,kk) → (B,H,Nq,Dv) in q's dtype.
     """
     cdt, dtype = compute_dtype(q), q.dtype
     B, H, Nq, D = q.shape
