@@ -21,40 +21,48 @@ Design (b = ``block``, C = ``clusters``, s the scale; query i is in block β = �
 merged by log-sum-exp. The far field of block β is a prefix sum over the blocks before it of
 per-block cluster sums (Σ k, Σ v, counts), so it costs O(C) per query, not O(i).
 
-Clustering (keys, streamed): block by block, each key is assigned once with a codebook built
-only from keys of its own and earlier blocks (mini-batch k-means): empty clusters are seeded
-with the block's keys (in a seeded random order), then ``iterations`` rounds of (assign the
-block's keys to the nearest centroid of the running sums + the block's current members;
-recompute), then ``refine`` rounds of Lloyd in the metric. ``clustering="hamming"`` assigns by
-the Hamming distance of LSH codes (``bits`` hyperplanes on ``(k - μ)L``, μ the running key mean,
-L Lᵀ = M) to the clusters' majority codes; ``"kmeans"`` by ``(k - c)ᵀ M (k - c)``. The metric
-``M`` (``metric="attention"``) is the second moment of the queries of blocks ≤ β, so that keys
-are close when every query gives them similar logits; ``"euclidean"``: M = I. Centroids for the
-attention are always the plain means.
+Clustering, in epochs: blocks [1, 2), [2, 4), [4, 8), … form epochs; at the start of epoch
+[r, 2r) the codebooks are updated from the positions before block r only (mini-batch k-means:
+the positions new since the last update join, empty clusters are seeded with them in a seeded
+random order, then ``iterations`` rounds of (cluster means / majority codes from every
+member; reassign the new positions) and ``refine`` rounds of Lloyd in the metric, each kind
+stopping at a fixed point). Then every key of the epoch's blocks joins its nearest cluster
+(clusters still empty are given to the epoch's keys in (block, priority) order), and block β
+of the epoch reads the cluster sums of the keys before it under that assignment. So the
+clustering is O(log N) batched steps of O(N·C) work in all. ``clustering="hamming"`` assigns
+by the Hamming distance of LSH codes (``bits`` hyperplanes on ``(x - μ)L``, μ the mean of the
+positions before the epoch, L Lᵀ = M) to the clusters' majority codes; ``"kmeans"`` by
+``(x - c)ᵀ M (x - c)``. Keys use M = the second moment of the queries before the epoch
+(``metric="attention"``: keys are close when every query gives them similar logits) or I
+(``"euclidean"``). Centroids for the attention are always the plain means.
 
-Selection (i-clustered): queries are clustered causally — block β's queries are assigned to
-the nearest of C centroids of the queries of blocks < β (a codebook frozen before the block;
-metric: the covariance of the keys before σ), then join it. For block β and query cluster c,
-T_βc = the ``topk`` far keys with the highest ``s·Q̄_βc·k_j``; query i uses T_{β, a(i)}.
+Selection (i-clustered): queries are clustered the same way (metric: the covariance of the
+keys before the epoch), and each query of an epoch is assigned to the nearest of its codebook's
+clusters (never seeding one: a centroid must not be a later query). For block β and query
+cluster c, T_βc = the ``topk`` far keys with the highest ``s·Q̄_c·k_j``; query i uses
+T_{β, a(i)}. The codebook is fixed within an epoch, so T_βc is kept up to date by merging the
+keys of block β-1 into T_{β-1,c}: linear time.
 
 Causality (the proof the perturbation tests check, bit for bit, in float64): the output of
-query i reads q_i; keys/values at positions ≤ i of its block; the cluster sums, assignments
-and selection of the blocks before β; the query codebook frozen before β. The assignments of
-block β' < β are made with keys of blocks ≤ β' and queries of blocks ≤ β' (metric), hence
-positions < σ ≤ i. Nothing a query reads is computed from a later position; the padded
-positions take part in nothing.
+query i (block β of epoch [r, 2r)) reads q_i; keys/values at positions ≤ i of its block; the
+keys/values before σ with their cluster assignment; the selection of (β, a(i)); the epoch's
+query codebook. The codebooks are built from positions before r·b ≤ σ; a far key of block
+β' ∈ [r, β) is assigned with them (and, if seeded, by its place among the epoch's keys of
+blocks ≤ β'); the selection scores keys before σ. Nothing a query reads is computed from a
+later position; padded positions take part in nothing.
 
 ``causal=False`` (a decoder's cross-attention, whose keys are the encoder's and visible to all
 queries, while the *query* stream is causal): there is no local block; F_i = every valid key;
-key clusters are made in the Euclidean geometry (a query metric would pool positions); the
-first query block has no codebook yet, so it gets no selected keys.
+the keys are clustered once, in the Euclidean geometry (a query metric would pool positions);
+the first query block has no query codebook yet, so it gets no selected keys.
 
 Exactness: ``block >= N`` is dense causal attention; C at least the number of valid keys gives
 one key per cluster, i.e. dense attention; ``topk`` at least the number of far keys makes every
 far key exact (blocks after the first).
 
 Memory O(N·(b + C + k)) per (batch, head); no Nq×Nk matrix in the ``cpu`` implementation.
-Compute: local N·b/2, far N·C, clustering N·C·iterations, selection C·N²/(2b)·D (i-clustered).
+Compute per (batch, head): local N·b/2·(D + Dv), far 2·N·C·(D + Dv), clustering
+~(iterations + refine + 1)·N·C·D, selection ~4·N·C·D, top-k 2·N·k·(D + Dv) (i-clustered).
 fp16/bf16 run in float32 and return their dtype; float64 runs in float64. GQA: query head h
 reads key/value head h // (H/Hk); key clusters are per key head. Seeds as the clustered family
 (``seed=-1``: torch's global RNG; otherwise one generator draws everything up front).

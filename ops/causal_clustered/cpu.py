@@ -71,16 +71,18 @@ def _contributions(x, codes, valid, a, clusters):
             votes.view(R, clusters, codes.shape[-1]))
 
 
-def _lloyd(x, codes, valid, init, new, priority, spec, metric, clusters):
-    """``reference._lloyd`` for every row at once. x (R,n,D), codes (R,n,bits), valid, new
-    (R,n) bool, init (R,n) (-1: none), priority (R,n) → (R,n) (-1 where invalid), the final
-    (sums, counts, votes), and whether later rows are assigned by Hamming distance."""
+def _lloyd(x, codes, valid, init, start, priority, spec, metric, clusters):
+    """``reference._lloyd`` for every row at once; the new rows are those from ``start`` on.
+    x (R,n,D), codes (R,n,bits), valid (R,n) bool, init (R,n) (-1: none), priority (R,n) →
+    (R,n) (-1 where invalid), the final (sums, counts, votes), and whether later rows are
+    assigned by Hamming distance."""
     R, n, _ = x.shape
     a = torch.where(valid, init, -1)
     stats = _contributions(x, codes, a >= 0, a.clamp(min=0), clusters)
     empty = stats[1] == 0
     rank = empty.long().cumsum(-1) - 1
-    cand = valid & new
+    cand = valid.clone()
+    cand[:, :start] = False
     order = torch.argsort(priority.masked_fill(~cand, 2.0), dim=-1, stable=True)
     seeded = empty & (rank < cand.sum(-1, keepdim=True))
     pos = torch.where(seeded, order.gather(1, rank.clamp(0, n - 1)), n)  # n: a dummy column
@@ -91,7 +93,8 @@ def _lloyd(x, codes, valid, init, new, priority, spec, metric, clusters):
         previous = None
         for _ in range(rounds):
             stats = _contributions(x, codes, a >= 0, a.clamp(min=0), clusters)
-            a = torch.where(valid, _nearest(x, codes, *stats, metric, kind), -1)
+            near = _nearest(x[:, start:], codes[:, start:], *stats, metric, kind)
+            a = torch.cat([a[:, :start], torch.where(valid[:, start:], near, -1)], 1)
             if previous is not None and torch.equal(a, previous):
                 break  # a fixed point: further rounds of this kind change nothing
             previous = a
@@ -151,7 +154,7 @@ def cluster_keys(q, k, key_valid, spec: ClusteringSpec, block: int, causal: bool
         w = valid[..., None].to(cdt)
         centre = (x * w).sum(1) / w.sum(1).clamp(min=1)
         codes = _codes(x, centre, None, plan.planes)
-        a, _, _ = _lloyd(x, codes, valid, torch.full_like(valid, -1, dtype=torch.int64), valid,
+        a, _, _ = _lloyd(x, codes, valid, torch.full_like(valid, -1, dtype=torch.int64), 0,
                          prio, spec, None, C)
         out[:, 0] = a.clamp(min=0)
         return out.view(B, Hk, 1, Nk)
@@ -162,9 +165,8 @@ def cluster_keys(q, k, key_valid, spec: ClusteringSpec, block: int, causal: bool
         lo, hi = r * block, min(Nk, end * block)
         m = None if metric is None else metric[:, r - 1]
         codes = _codes(x[:, :hi], centre[:, r - 1], m, plan.planes)
-        new = (blk[:lo] >= r // 2).expand(R, lo)
-        a, stats, hamming = _lloyd(x[:, :lo], codes[:, :lo], valid[:, :lo], state[:, :lo], new,
-                                   prio[:, :lo], spec, m, C)
+        a, stats, hamming = _lloyd(x[:, :lo], codes[:, :lo], valid[:, :lo], state[:, :lo],
+                                   (r // 2) * block, prio[:, :lo], spec, m, C)
         near = _nearest(x[:, lo:hi], codes[:, lo:hi], *stats, m, hamming)
         # clusters still empty go to the epoch's keys in (block, priority) order
         ev = valid[:, lo:hi]
@@ -230,14 +232,12 @@ def cluster_queries(q, k, query_valid, key_valid, spec: ClusteringSpec, block: i
     cents = q.new_zeros(R, nb, C, D)
     exists = torch.zeros(R, nb, C, dtype=torch.bool, device=q.device)
     state = torch.full((R, Nq), -1, dtype=torch.int64, device=q.device)
-    blk = torch.arange(Nq, device=q.device) // block
     for r, end in epochs(nb):
         lo, hi = r * block, min(Nq, end * block)
         m = None if metric is None else metric[:, r]
         codes = _codes(x[:, :hi], centre[:, r], m, plan.planes)
-        new = (blk[:lo] >= r // 2).expand(R, lo)
-        a, stats, hamming = _lloyd(x[:, :lo], codes[:, :lo], valid[:, :lo], state[:, :lo], new,
-                                   prio[:, :lo], spec, m, C)
+        a, stats, hamming = _lloyd(x[:, :lo], codes[:, :lo], valid[:, :lo], state[:, :lo],
+                                   (r // 2) * block, prio[:, :lo], spec, m, C)
         state[:, :lo] = a
         near = _nearest(x[:, lo:hi], codes[:, lo:hi], *stats, m, hamming)
         assign[:, lo:hi] = near

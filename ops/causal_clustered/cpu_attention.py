@@ -194,7 +194,7 @@ def attention_from_choices(q, k, v, key_valid, key_assign, query_assign, topk_id
         den = Σ_L e^{ℓ_j-M} + Σ_c (n_c - m_c) e^{ℓ̄_c-M} + Σ_T e^{ℓ_t-M},   out = num / den
 
     (a cluster whose far keys are all selected contributes nothing). ``differentiable=False``
-    (inference) computes the local part with the fused flash kernel (when Dv = D).
+    (inference, CPU) computes the local part with the fused flash kernel (when Dv = D).
 
     Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), v (B,Hk,Nk,Dv), key_valid (B,Nk), key_assign
     (B,Hk,E,Nk), query_assign (B,H,Nq), topk_idx (B,H,nb,C,kk) → (B,H,Nq,Dv) in q's dtype.
@@ -208,7 +208,8 @@ def attention_from_choices(q, k, v, key_valid, key_assign, query_assign, topk_id
     qb = _per_query(q * scale, Hk, block, nb)  # (B,Hk,nb,G·b,D)
     sel = _Selected(q, k, v, key_valid, key_assign, query_assign, topk_idx, C, scale, block,
                     causal, nb) if kk else None
-    fused = causal and not differentiable and D == v.shape[-1]  # the kernel wants Dv = D
+    # the fused kernel is CPU's flash attention and wants Dv = D
+    fused = causal and not differentiable and D == v.shape[-1] and q.device.type == "cpu"
     if fused:
         out_loc, lse_loc = _local_flash(q, k, v, key_valid, scale, block, nb)
     elif causal:

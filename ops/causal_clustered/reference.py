@@ -99,11 +99,12 @@ def _contributions(x, codes, a, clusters):
 
 
 def _lloyd(x, codes, init, new_rows, priority, spec, metric, clusters):
-    """Rebuild a codebook on the rows x (n, D): start from the assignment ``init`` (-1: none),
-    give the empty clusters (in index order) to the ``new_rows`` by increasing priority, then
-    ``iterations`` rounds (Hamming or metric, per ``spec.clustering``) and ``refine`` metric
-    rounds of (cluster means / majority codes from the assignment; reassign every row to the
-    nearest), each kind stopping early at a fixed point. → assignment (n,), (sums, counts,
+    """Update a codebook with the rows x (n, D) (mini-batch k-means): start from the
+    assignment ``init`` (-1: none), give the empty clusters (in index order) to the
+    ``new_rows`` by increasing priority, then ``iterations`` rounds (Hamming or metric, per
+    ``spec.clustering``) and ``refine`` metric rounds of (cluster means / majority codes from
+    every row's assignment; reassign the new rows to the nearest), each kind stopping early at
+    a fixed point. The other rows keep their assignment. → assignment (n,), (sums, counts,
     votes), and whether later rows are assigned by Hamming distance."""
     a = init.clone()
     counts = torch.bincount(a[a >= 0], minlength=clusters)
@@ -116,7 +117,9 @@ def _lloyd(x, codes, init, new_rows, priority, spec, metric, clusters):
         previous = None
         for _ in range(rounds):
             stats = _contributions(x, codes, a, clusters)
-            a = _nearest(x, codes, *stats, metric, kind)
+            a = a.clone()
+            a[list(new_rows)] = _nearest(x[list(new_rows)], codes[list(new_rows)], *stats,
+                                         metric, kind)
             if previous is not None and torch.equal(a, previous):
                 break
             previous = a
@@ -127,12 +130,12 @@ def cluster_keys(q, k, key_valid, spec: ClusteringSpec, block: int, causal: bool
                  plan: Plan) -> torch.Tensor:
     """The key clusters each epoch uses (the package docstring, "Clustering").
 
-    Causal: at the start of epoch e (blocks [r, 2r)), the keys before block r are re-clustered
-    (``_lloyd``, warm-started from their previous assignment, new keys seeding empty clusters;
-    metric: the second moment of the queries before block r), then each key of the epoch's
-    blocks joins the nearest of those clusters — except that clusters still empty are given to
-    the epoch's keys in (block, priority) order. ``causal=False``: one clustering of every key
-    (Euclidean).
+    Causal: at the start of epoch e (blocks [r, 2r)), the codebook is updated with the keys
+    before block r (``_lloyd``: the keys new since the last epoch are reassigned, the older
+    keep theirs; metric: the second moment of the queries before block r), then each key of
+    the epoch's blocks joins the nearest of those clusters — except that clusters still empty
+    are given to the epoch's keys in (block, priority) order. ``causal=False``: one clustering
+    of every key (Euclidean).
 
     Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), key_valid (B,Nk) bool → (B,Hk,E,Nk) int64, E =
     ``key_epochs`` (0 for padded keys and keys an epoch does not use).
@@ -186,10 +189,10 @@ def cluster_keys(q, k, key_valid, spec: ClusteringSpec, block: int, causal: bool
 def cluster_queries(q, k, query_valid, key_valid, spec: ClusteringSpec, block: int,
                     causal: bool, plan: Plan):
     """Causal query clustering for the i-clustered selection: at the start of epoch e (blocks
-    [r, 2r)) the queries before block r are re-clustered (``_lloyd``; metric: the covariance of
-    the keys before block r, or of all keys when ``causal=False``), and every query of the
-    epoch is assigned to the nearest of those clusters (never seeding one: a centroid must not
-    be a later query).
+    [r, 2r)) the codebook is updated with the queries before block r (``_lloyd``; metric: the
+    covariance of the keys before block r, or of all keys when ``causal=False``), and every
+    query of the epoch is assigned to the nearest of those clusters (never seeding one: a
+    centroid must not be a later query).
 
     Shapes: q (B,H,Nq,D), k (B,Hk,Nk,D), query_valid (B,Nq), key_valid (B,Nk) →
     assignments (B,H,Nq) int64 (0 in block 0), centroids (B,H,nb,C,D) and exists (B,H,nb,C)
