@@ -11,8 +11,10 @@
 speed: one self-attention layer, q, k, v ~ N(0, 1) of shape (1, H, N, D), float32, forward
 under ``no_grad``: dense = ``F.scaled_dot_product_attention(is_causal=True)`` (the fused flash
 kernel), against ``causal_clustered_attention`` and ``causal_improved_clustered_attention``
-(impl "cpu", seed 0), timed round robin in this one process (median of ``--runs`` after one
-warm-up); speed-up = t_dense / t_method.
+with the knobs of the quality part's configs (``CausalClustered(clusters, block)``,
+``CausalImprovedClustered(iclusters, topk, block)``, their defaults otherwise; impl "cpu",
+seed 0), timed round robin in this one process (median of ``--runs`` after one warm-up);
+speed-up = t_dense / t_method.
 
 train: the GPT of ``bench/causal_lm.py`` on the standard library's Python sources, for at most
 ``--train-minutes`` in all, in segments of ``--segment-minutes`` (run the command again to
@@ -80,11 +82,24 @@ def _header() -> str:
     return f"torch {torch.__version__}, threads {torch.get_num_threads()}, {machine_load()}"
 
 
+def _configs(args: argparse.Namespace):
+    """The two policies' configs (the speed part times the same knobs)."""
+    return (CausalClustered(clusters=args.clusters, block=args.block, seed=0),
+            CausalImprovedClustered(clusters=args.iclusters, topk=args.topk, block=args.block,
+                                    seed=0))
+
+
+def _knobs(config) -> dict:
+    return {name: getattr(config, name) for name in (
+        "clusters", "iterations", "bits", "seed", "clustering", "refine", "metric")}
+
+
 def speed(args: argparse.Namespace) -> dict:
     print(f"causal attention forward, float32, cpu, B=1 H={args.heads} D={args.dim}; "
           f"{_header()}")
-    print(f"clustered: C={args.clusters} block={args.block}; i-clustered: "
-          f"C={args.iclusters} topk={args.topk} block={args.block}")
+    clus, iclus = _configs(args)
+    ck, ik = _knobs(clus), _knobs(iclus)
+    print(f"clustered: {clus}\ni-clustered: {iclus}")
     print("| N | dense SDPA is_causal (ms) | causal clustered (ms) | speed-up | "
           "causal i-clustered (ms) | speed-up |\n|---|---|---|---|---|---|")
     rows = []
@@ -94,10 +109,9 @@ def speed(args: argparse.Namespace) -> dict:
         fns = {
             "dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "clustered": lambda q, k, v: causal_clustered_attention(
-                q, k, v, clusters=args.clusters, block=args.block, seed=0, impl="cpu"),
+                q, k, v, block=args.block, impl="cpu", **ck),
             "i-clustered": lambda q, k, v: causal_improved_clustered_attention(
-                q, k, v, clusters=args.iclusters, topk=args.topk, block=args.block, seed=0,
-                impl="cpu"),
+                q, k, v, topk=args.topk, block=args.block, impl="cpu", **ik),
         }
         t = time_side_by_side(fns, (q, k, v), warmup=1, runs=args.runs)
         rows.append({"n": n, **t})
@@ -111,12 +125,8 @@ def speed(args: argparse.Namespace) -> dict:
 def quality(args: argparse.Namespace) -> dict:
     model = causal_lm.load_trained(args.checkpoint)
     _, held, files = causal_lm.corpus()
-    policies = {
-        "dense": None,
-        "causal clustered": CausalClustered(clusters=args.clusters, block=args.block, seed=0),
-        "causal i-clustered": CausalImprovedClustered(clusters=args.iclusters, topk=args.topk,
-                                                      block=args.block, seed=0),
-    }
+    clus, iclus = _configs(args)
+    policies = {"dense": None, "causal clustered": clus, "causal i-clustered": iclus}
     print(f"held-out text: {held.numel()} bytes from every {causal_lm.HOLD_OUT}th of {files} "
           f"files; {_header()}")
     print("| context | " + " | ".join(policies) + " |\n|---|" + "---|" * len(policies))

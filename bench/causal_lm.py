@@ -31,6 +31,7 @@ MODEL = dict(dim=128, depth=4, n_head=4)
 HOLD_OUT = 20  # every HOLD_OUT-th file is evaluation text
 PHASES = ((0.6, 1024, 4), (1.0, 4096, 1))  # (until this fraction of the budget, length, batch)
 LR, WARMUP = 2e-3, 100
+TRAIN_BACKEND = "inductor"
 
 
 def corpus(limit_bytes: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -77,7 +78,7 @@ def train_segment(checkpoint: Path, total_minutes: float, segment_minutes: float
     gen = torch.Generator().manual_seed(0)
     if state["gen"] is not None:
         gen.set_state(state["gen"])
-    compiled = cfx_compile(model, policy=Dense(), backend="inductor")
+    compiled = cfx_compile(model, policy=Dense(), backend=TRAIN_BACKEND)
     budget = total_minutes * 60
     began = time.perf_counter()
     while state["seconds"] < budget and time.perf_counter() - began < segment_minutes * 60:

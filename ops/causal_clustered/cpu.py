@@ -58,48 +58,56 @@ def _nearest(x, codes, sums, counts, votes, metric, hamming: bool) -> torch.Tens
     return torch.where(exists.any(-1, keepdim=True), best, 0)
 
 
-def _contributions(x, codes, valid, a, clusters):
-    """Per-cluster sums, counts and code votes of the valid rows. → (R,C,D), (R,C), (R,C,b)."""
+def _contributions(x, codes, a, clusters):
+    """Per-cluster sums, counts and code votes of the rows with a >= 0 (a = -1: none).
+    → (R,C,D), (R,C), (R,C,bits)."""
     R, n, D = x.shape
-    slots = (a + torch.arange(R, device=x.device)[:, None] * clusters).reshape(-1)
-    w = valid.to(x.dtype)
-    sums = x.new_zeros(R * clusters, D).index_add(0, slots, (x * w[..., None]).reshape(-1, D))
-    counts = x.new_zeros(R * clusters).index_add(0, slots, w.reshape(-1))
-    votes = x.new_zeros(R * clusters, codes.shape[-1]).index_add(
-        0, slots, (codes * w[..., None]).reshape(R * n, codes.shape[-1]))
-    return (sums.view(R, clusters, D), counts.view(R, clusters),
-            votes.view(R, clusters, codes.shape[-1]))
+    bits = codes.shape[-1]
+    slots = (torch.where(a >= 0, a, clusters)
+             + torch.arange(R, device=x.device)[:, None] * (clusters + 1)).reshape(-1)
+    size = R * (clusters + 1)
+    sums = x.new_zeros(size, D).index_add(0, slots, x.reshape(-1, D))
+    counts = x.new_zeros(size).index_add(0, slots, x.new_ones(R * n))
+    votes = x.new_zeros(size, bits).index_add(0, slots, codes.reshape(R * n, bits))
+    return (sums.view(R, clusters + 1, D)[:, :clusters],
+            counts.view(R, clusters + 1)[:, :clusters],
+            votes.view(R, clusters + 1, bits)[:, :clusters])
+
+
+def _add(a, b):
+    return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
 def _lloyd(x, codes, valid, init, start, priority, spec, metric, clusters):
-    """``reference._lloyd`` for every row at once; the new rows are those from ``start`` on.
-    x (R,n,D), codes (R,n,bits), valid (R,n) bool, init (R,n) (-1: none), priority (R,n) →
-    (R,n) (-1 where invalid), the final (sums, counts, votes), and whether later rows are
-    assigned by Hamming distance."""
+    """``reference._lloyd`` for every row at once; the new rows are those from ``start`` on
+    (the older rows' statistics are summed once). x (R,n,D), codes (R,n,bits), valid (R,n)
+    bool, init (R,n) (-1: none), priority (R,n) → (R,n) (-1 where invalid), the final
+    (sums, counts, votes), and whether later rows are assigned by Hamming distance."""
     R, n, _ = x.shape
     a = torch.where(valid, init, -1)
-    stats = _contributions(x, codes, a >= 0, a.clamp(min=0), clusters)
+    old = _contributions(x[:, :start], codes[:, :start], a[:, :start], clusters)
+    new_x, new_codes, new_valid = x[:, start:], codes[:, start:], valid[:, start:]
+    stats = _add(old, _contributions(new_x, new_codes, a[:, start:], clusters))
     empty = stats[1] == 0
     rank = empty.long().cumsum(-1) - 1
-    cand = valid.clone()
-    cand[:, :start] = False
-    order = torch.argsort(priority.masked_fill(~cand, 2.0), dim=-1, stable=True)
-    seeded = empty & (rank < cand.sum(-1, keepdim=True))
-    pos = torch.where(seeded, order.gather(1, rank.clamp(0, n - 1)), n)  # n: a dummy column
-    a = torch.cat([a, a.new_zeros(R, 1)], 1).scatter(
-        1, pos, torch.arange(clusters, device=x.device).expand(R, clusters))[:, :n]
+    m = n - start
+    order = torch.argsort(priority[:, start:].masked_fill(~new_valid, 2.0), dim=-1, stable=True)
+    seeded = empty & (rank < new_valid.sum(-1, keepdim=True))
+    pos = torch.where(seeded, order.gather(1, rank.clamp(0, max(m - 1, 0))), m)  # m: dummy
+    fresh = torch.cat([a[:, start:], a.new_zeros(R, 1)], 1).scatter(
+        1, pos, torch.arange(clusters, device=x.device).expand(R, clusters))[:, :m]
     hamming = spec.clustering == "hamming"
     for kind, rounds in ((hamming, spec.iterations), (False, spec.refine)):
         previous = None
         for _ in range(rounds):
-            stats = _contributions(x, codes, a >= 0, a.clamp(min=0), clusters)
-            near = _nearest(x[:, start:], codes[:, start:], *stats, metric, kind)
-            a = torch.cat([a[:, :start], torch.where(valid[:, start:], near, -1)], 1)
-            if previous is not None and torch.equal(a, previous):
+            stats = _add(old, _contributions(new_x, new_codes, fresh, clusters))
+            near = _nearest(new_x, new_codes, *stats, metric, kind)
+            fresh = torch.where(new_valid, near, -1)
+            if previous is not None and torch.equal(fresh, previous):
                 break  # a fixed point: further rounds of this kind change nothing
-            previous = a
-    stats = _contributions(x, codes, a >= 0, a.clamp(min=0), clusters)
-    return a, stats, hamming and spec.refine == 0
+            previous = fresh
+    stats = _add(old, _contributions(new_x, new_codes, fresh, clusters))
+    return torch.cat([a[:, :start], fresh], 1), stats, hamming and spec.refine == 0
 
 
 def _codes(x, centre, metric, planes) -> torch.Tensor:

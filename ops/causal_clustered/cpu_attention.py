@@ -154,32 +154,74 @@ class _Selected:
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def _flash_blocks(q, k, v, scale, block, nb, mask=None, causal=False):
+    """The flash kernel on per-block batches: q (B,H,Nq,D) in blocks against k, v
+    (B·nb, H, n, ·). → out (B·nb,H,b,Dv), lse (B·nb,H,b) in q's dtype."""
+    B, H, _, D = q.shape
+    qb = blocks(q, block, nb).transpose(1, 2).reshape(B * nb, H, block, D)
+    out, lse = _FLASH(qb, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    return out, lse.to(q.dtype)
+
+
+def _per_block_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B,Hk,nb,n,E) → (B·nb,H,n,E), each kv head repeated for its query heads."""
+    B, Hk, nb, n, E = x.shape
+    x = x.transpose(1, 2).repeat_interleave(heads // Hk, dim=2)
+    return x.reshape(B * nb, heads, n, E)
+
+
 def _local_flash(q, k, v, key_valid, scale, block, nb):
     """Exact causal attention inside each block by the fused flash kernel, with its
     log-sum-exp (-inf for a query without a valid local key). Not differentiable through the
-    log-sum-exp, so only the inference forward uses it. → (B,Hk,nb,G·b,Dv), (B,Hk,nb,G·b)."""
-    B, H, _, D = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    G = H // Hk
-    qb = blocks(q, block, nb).transpose(1, 2).reshape(B * nb, H, block, D)
-    kb = blocks(k, block, nb).transpose(1, 2).repeat_interleave(G, dim=2)
-    vb = blocks(v, block, nb).transpose(1, 2).repeat_interleave(G, dim=2)
-    kb, vb = kb.reshape(B * nb, H, block, D), vb.reshape(B * nb, H, block, Dv)
+    log-sum-exp, so only the inference forward uses it. → (B·nb,H,b,Dv), (B·nb,H,b)."""
+    B, H = q.shape[:2]
+    kb = _per_block_heads(blocks(k, block, nb), H)
+    vb = _per_block_heads(blocks(v, block, nb), H)
     if bool(key_valid.all()):
-        out, lse = _FLASH(qb, kb, vb, 0.0, True, scale=scale)
-        lse = lse.to(q.dtype)
-    else:
-        valid = flag_blocks(key_valid, block, nb)  # (B,nb,b)
-        tri = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-        keep = (tri & valid[..., None, :]).reshape(B * nb, 1, block, block)
-        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~keep, float("-inf"))
-        out, lse = _FLASH(qb, kb, vb, 0.0, False, attn_mask=mask, scale=scale)
-        has = (valid.to(torch.int8).cumsum(-1) > 0).reshape(B * nb, 1, block)
-        lse = lse.to(q.dtype).masked_fill(~has, float("-inf"))
-    out = out.view(B, nb, Hk, G, block, Dv).permute(0, 2, 1, 3, 4, 5)
-    lse = lse.view(B, nb, Hk, G, block).permute(0, 2, 1, 3, 4)
-    return out.reshape(B, Hk, nb, G * block, Dv), lse.reshape(B, Hk, nb, G * block)
+        return _flash_blocks(q, kb, vb, scale, block, nb, causal=True)
+    valid = flag_blocks(key_valid, block, nb)  # (B,nb,b)
+    tri = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    keep = (tri & valid[..., None, :]).reshape(B * nb, 1, block, block)
+    mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(
+        ~keep, float("-inf"))
+    out, lse = _flash_blocks(q, kb, vb, scale, block, nb, mask=mask)
+    has = (valid.to(torch.int8).cumsum(-1) > 0).reshape(B * nb, 1, block)
+    return out, lse.masked_fill(~has, float("-inf"))
+
+
+def _far_flash(q, pk, pv, pn, scale, block, nb):
+    """Clustered far field by the flash kernel: the cluster means as keys and values, with
+    the bias log n (the mass of n keys sharing one logit). → (B·nb,H,b,Dv), (B·nb,H,b)."""
+    B, H = q.shape[:2]
+    n = pn.expand(-1, -1, nb, -1)
+    kc = _per_block_heads((pk / pn.clamp(min=1)[..., None]).expand(-1, -1, nb, -1, -1), H)
+    vc = _per_block_heads((pv / pn.clamp(min=1)[..., None]).expand(-1, -1, nb, -1, -1), H)
+    bias = torch.where(n > 0, n.clamp(min=1).log(), float("-inf"))[..., None, :]
+    mask = _per_block_heads(bias, H).expand(-1, -1, block, -1).contiguous()
+    out, lse = _flash_blocks(q, kc, vc, scale, block, nb, mask=mask)
+    has = _per_block_heads((n > 0).any(-1)[..., None, None].to(torch.int8), H)[..., 0] > 0
+    return out, lse.masked_fill(~has, float("-inf"))
+
+
+def _merge(parts, batch: int, nq: int) -> torch.Tensor:
+    """Merge softmax parts (out (B·nb,H,b,Dv), lse (B·nb,H,b)) by log-sum-exp; a row with no
+    key in any part is zero. → (B,H,Nq,Dv)."""
+    lse = torch.stack([p[1] for p in parts])
+    m = lse.amax(0)
+    w = torch.exp(lse - torch.where(torch.isfinite(m), m, 0))  # (parts, B·nb, H, b)
+    total = w.sum(0)
+    out = sum(wi[..., None] * p[0] for wi, p in zip(w, parts, strict=True))
+    out = out / torch.where(total > 0, total, 1)[..., None]
+    Bnb, H, b, Dv = out.shape
+    out = out.view(batch, Bnb // batch, H, b, Dv).transpose(1, 2)
+    return out.reshape(batch, H, -1, Dv)[:, :, :nq]
+
+
+def _to_per_query(x: torch.Tensor, batch: int, hk: int) -> torch.Tensor:
+    """(B·nb,H,b,·) → (B,Hk,nb,G·b,·) (the chunk loop's layout)."""
+    Bnb, H, b = x.shape[:3]
+    x = x.reshape(batch, Bnb // batch, hk, H // hk, b, *x.shape[3:]).transpose(1, 2)
+    return x.reshape(batch, hk, Bnb // batch, (H // hk) * b, *x.shape[5:])
 
 
 def attention_from_choices(q, k, v, key_valid, key_assign, query_assign, topk_idx, clusters,
@@ -210,8 +252,12 @@ def attention_from_choices(q, k, v, key_valid, key_assign, query_assign, topk_id
                     causal, nb) if kk else None
     # the fused kernel is CPU's flash attention and wants Dv = D
     fused = causal and not differentiable and D == v.shape[-1] and q.device.type == "cpu"
+    if fused and not kk:  # clustered: two flash calls, local and far, merged
+        return _merge([_local_flash(q, k, v, key_valid, scale, block, nb),
+                       _far_flash(q, pk, pv, pn, scale, block, nb)], B, Nq).to(dtype)
     if fused:
-        out_loc, lse_loc = _local_flash(q, k, v, key_valid, scale, block, nb)
+        out_loc, lse_loc = (_to_per_query(t, B, Hk) for t in _local_flash(
+            q, k, v, key_valid, scale, block, nb))
     elif causal:
         kb, vb = blocks(k, block, nb), blocks(v, block, nb)  # (B,Hk,nb,b,·)
         kvalid_b = flag_blocks(key_valid, block, nb)[:, None, :, None, :]  # (B,1,nb,1,b)
