@@ -1,0 +1,1 @@
+"""Applications built on clusterfx (above the compiler): THC for brain networks."""
