@@ -50,6 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                          lr=args.lr, test_fraction=args.test_fraction, clusters=args.clusters,
                          assignment=args.assignment, cluster_weight=args.cluster_weight,
+                         density=args.density,
                          baselines=() if args.no_baselines else ("bnt", "gcn"))
     metrics = run(args.data, args.out, config)
     rows = [("model", "auroc", "accuracy", "seconds", "parameters")]
@@ -61,8 +62,8 @@ def _train(args: argparse.Namespace) -> int:
     for key in ("nmi", "ari", "modularity"):
         if key in metrics:
             print(f"thc {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics[key].items()))
-    print(f"wrote {args.out}/metrics.json, assignments.csv, connectivity_communities.png, "
-          f"assignment_heatmap.png")
+    print(f"wrote {args.out}/metrics.json, assignments.csv, predictions.csv, "
+          f"connectivity_communities.png, assignment_heatmap.png, thc.pt")
     return 0
 
 
@@ -96,6 +97,8 @@ def add_parser(subparsers) -> None:
                        help="one assignment per subject (default) or shared by the batch")
     train.add_argument("--cluster-weight", type=float, default=1.0,
                        help="weight of the modularity + collapse loss")
+    train.add_argument("--density", type=float, default=0.1,
+                       help="fraction of strongest edges kept in each graph (for the GCN)")
     train.add_argument("--no-baselines", action="store_true")
     train.add_argument("--threads", type=int, default=None)
     train.set_defaults(func=_train)

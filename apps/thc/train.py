@@ -49,6 +49,8 @@ class TrainConfig:
                              f"be at least 1")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test fraction ({self.test_fraction}) must be in (0, 1)")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density ({self.density}) must be in (0, 1]")
         unknown = set(self.baselines) - {"bnt", "gcn"}
         if unknown:
             raise ValueError(f"unknown baseline(s) {sorted(unknown)}; accepted: bnt, gcn")
@@ -164,8 +166,18 @@ def _write_assignments(path: Path, found: list[np.ndarray]) -> None:
         w.writerows(zip(range(len(found[0])), *(ids.tolist() for ids in found)))
 
 
+def _write_predictions(path: Path, subjects: list[str], labels: np.ndarray,
+                       predictions: dict[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subject", "label", *(f"p_{name}" for name in predictions)])
+        for i, subject in enumerate(subjects):
+            w.writerow([subject, int(labels[i]), *(f"{p[i]:.6f}" for p in predictions.values())])
+
+
 def run(data: Connectomes | str | Path, out: str | Path, config: TrainConfig) -> dict:
-    """Train and evaluate; write OUT/metrics.json, assignments.csv, the pictures, thc.pt."""
+    """Train and evaluate; write OUT/metrics.json, assignments.csv (per-ROI communities),
+    predictions.csv (held-out p(class 1) per model), the two pictures, and thc.pt."""
     data = data if isinstance(data, Connectomes) else load_connectomes(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,10 +188,12 @@ def run(data: Connectomes | str | Path, out: str | Path, config: TrainConfig) ->
     test_graphs = [graphs[i] for i in test_idx]
     y_test = data.labels[test_idx]
     results: dict[str, dict] = {}
+    predictions: dict[str, np.ndarray] = {}
     thc_assignments: list[torch.Tensor] = []
     for name in ("thc", *config.baselines):
         trained = fit(name, train_graphs, config, data.num_rois)
         prob1, assignments = predict(trained.model, test_graphs, config.batch_size)
+        predictions[name] = prob1
         results[name] = {**evaluate.classification_metrics(y_test, prob1),
                          "train_seconds": round(trained.seconds, 2),
                          "parameters": trained.parameters,
@@ -199,6 +213,8 @@ def run(data: Connectomes | str | Path, out: str | Path, config: TrainConfig) ->
             name: evaluate.partition_modularity(graph, ids)
             for name, ids in data.communities.items()}
     _write_assignments(out / "assignments.csv", found)
+    _write_predictions(out / "predictions.csv", [data.subjects[i] for i in test_idx], y_test,
+                       predictions)
     mean_matrix = data.matrices[test_idx].mean(axis=0)
     truth = list(data.communities.values()) if data.communities else None
     plots.plot_reordered_connectivity(mean_matrix, found, out / "connectivity_communities.png",

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import networkx as nx
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import normalized_mutual_info_score
 
 from clusterfx.apps.thc import command, evaluate
 from clusterfx.apps.thc.bench import bench
@@ -129,10 +127,8 @@ def test_full_synthetic_run_meets_the_targets(tmp_path):
     """100 ROIs, 4 modules × 3 submodules, 300 subjects: AUROC ≥ 0.95, top-level NMI ≥ 0.9,
     THC trained within 3 minutes on this CPU."""
     data = synthesize(tmp_path / "syn", subjects=300, rois=100, seed=0)
-    start = time.perf_counter()
     metrics = run(data, tmp_path / "out", TrainConfig(epochs=60, seed=0))
     assert metrics["auroc"] >= 0.95
     assert metrics["nmi"]["level1"] >= 0.9
     assert metrics["models"]["thc"]["train_seconds"] <= 180
-    assert time.perf_counter() - start > 0
     print(json.dumps({k: metrics[k] for k in ("auroc", "accuracy", "nmi", "ari")}))
