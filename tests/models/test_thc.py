@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import math
+import pathlib
+import sys
 
 import networkx as nx
 import pytest
@@ -314,3 +317,24 @@ def test_baselines_run_on_pyg_batches_per_graph():
         gcn(x)
     report = cfx.explain(cfx.compile(flat, backend="eager", fullgraph=True), x)
     assert [r.fqn for r in report.rows] == ["layers.0.attention", "layers.1.attention"]
+
+
+def test_thc_models_import_only_torch_torch_geometric_and_the_standard_library():
+    folder = pathlib.Path(__file__).resolve().parents[2] / "models" / "thc"
+    offending = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [(0, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.level, node.module or "")]
+            else:
+                continue
+            for level, name in names:
+                top = name.split(".")[0]
+                local = level == 1  # a sibling inside models/thc
+                allowed = top in ("torch", "torch_geometric") or top in sys.stdlib_module_names
+                if not (local or (level == 0 and allowed)):
+                    offending.append(f"{path.name}: {'.' * level}{name}")
+    assert len(list(folder.glob("*.py"))) >= 6
+    assert offending == []
