@@ -10,6 +10,7 @@ memory grow like N², the input itself is B·N² numbers).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -49,8 +50,6 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
         warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA; fine on CPU
         path = Path(tmp) / "timeline.json"
         prof.export_memory_timeline(str(path), device="cpu")
-        import json
-
         _, sizes = json.loads(path.read_text())
     return int(max(sum(row) for row in sizes)) if sizes else 0
 
@@ -137,7 +136,7 @@ def bench(rois: tuple[int, ...] = (100, 200, 400, 1000), *, batch: int = 8, repe
             raise ValueError(f"threads ({threads}) must be at least 1")
         torch.set_num_threads(threads)
     before = _machine()
-    print(f"THC {THC(12).clusters} clusters, input (B={batch}, N, N) float32, CPU "
+    print(f"THC N → 12 → 4 clusters (defaults), input (B={batch}, N, N) float32, CPU "
           f"{before['cpu']} ({before['cores']} cores), {before['threads']} threads, torch "
           f"{before['torch']}, load average {before['load_average']}", flush=True)
     rows = []

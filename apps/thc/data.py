@@ -109,24 +109,23 @@ def synthesize(out: str | Path, subjects: int = 300, rois: int = 100, *, modules
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read_matrix(path: Path) -> np.ndarray:
+def _load_array(path: Path) -> np.ndarray:
+    """The array in a .npy, or in a .npz (its only array, or the one named `connectivity`)."""
     try:
         if path.suffix == ".npy":
-            m = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                keys = list(archive.keys())
-                if "connectivity" in keys:
-                    m = archive["connectivity"]
-                elif len(keys) == 1:
-                    m = archive[keys[0]]
-                else:
-                    raise ValueError(f"{path}: an .npz must hold one array or one named "
-                                     f"'connectivity', found {keys}")
-    except ValueError:
-        raise
-    except Exception as exc:  # a corrupt or non-numpy file
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            if "connectivity" in keys or len(keys) == 1:
+                return archive["connectivity" if "connectivity" in keys else keys[0]]
+    except Exception as exc:  # corrupt, pickled, or not numpy at all
         raise ValueError(f"{path}: cannot be read as a numpy array ({exc})") from None
+    raise ValueError(f"{path}: an .npz must hold one array or one named 'connectivity', "
+                     f"found {keys}")
+
+
+def _read_matrix(path: Path) -> np.ndarray:
+    m = _load_array(path)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"{path}: connectivity must be a square N×N matrix, got shape "
                          f"{m.shape}")
@@ -188,6 +187,7 @@ def _read_communities(path: Path, rois: int) -> dict[str, np.ndarray]:
     rows = _read_csv(path, ("roi", "level1"))
     levels = ["level1"] + (["level2"] if rows and "level2" in rows[0] else [])
     out = {name: np.full(rois, -1, dtype=np.int64) for name in levels}
+    seen: set[int] = set()
     for row in rows:
         try:
             roi = int(row["roi"])
@@ -198,6 +198,9 @@ def _read_communities(path: Path, rois: int) -> dict[str, np.ndarray]:
         if not 0 <= roi < rois:
             raise ValueError(f"{path}: roi {roi} is outside 0..{rois - 1} (the matrices are "
                              f"{rois}×{rois})")
+        if roi in seen:
+            raise ValueError(f"{path}: roi {roi} is listed twice")
+        seen.add(roi)
         for name, value in ids.items():
             out[name][roi] = value
     for name, ids in out.items():

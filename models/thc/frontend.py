@@ -42,7 +42,9 @@ def from_connectivity(matrix: Any, *, y: int | None = None, threshold: float | N
     n = w.shape[0]
     off = ~torch.eye(n, dtype=torch.bool)
     strength = w.abs().masked_fill(~off, 0.0)
-    if density is not None:
+    if n < 2:
+        keep = torch.zeros(n, n, dtype=torch.bool)
+    elif density is not None:
         count = max(1, round(density * n * (n - 1)))
         cut = strength[off].sort(descending=True).values[min(count, n * (n - 1)) - 1]
         keep = (strength >= cut) & (strength > 0)

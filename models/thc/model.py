@@ -25,8 +25,8 @@ Design decisions (each against `reference/thc.md` and the official code):
   N = 200) is dropped (the official `no_encoder` setting); a Linear(N → C) embeds the connection
   profiles instead, so parameters grow as N·C + N·K₁ and a CPU trains it in seconds. No
   stochastic attention noise (both recommended official configs switch it off).
-- The model outputs its assignments; `losses.cluster_loss` (modularity + collapse per level)
-  is the unsupervised term that makes the communities interpretable.
+- The model outputs its assignments; `losses.cluster_loss` (modularity + collapse + row
+  entropy per level) is the unsupervised term that makes the communities interpretable.
 """
 
 from __future__ import annotations

@@ -150,6 +150,16 @@ def test_non_binary_label_names_subject_and_value(tmp_path):
     assert "'2'" in msg and "'a'" in msg
 
 
+def test_unreadable_files_name_the_file(tmp_path):
+    np.savez(tmp_path / "many.npz", a=_sym(4, 0), b=_sym(4, 1))
+    msg = _error(tmp_path, {"ok": _sym(4, 0)}, {"ok": 0, "many": 1})
+    assert "many.npz" in msg and "one named 'connectivity'" in msg and "['a', 'b']" in msg
+    (tmp_path / "many.npz").unlink()
+    (tmp_path / "junk.npy").write_text("not numpy")
+    msg = _error(tmp_path, {"ok": _sym(4, 0)}, {"ok": 0, "junk": 1})
+    assert "junk.npy" in msg and "cannot be read as a numpy array" in msg
+
+
 def test_empty_folder_and_missing_labels_file(tmp_path):
     with pytest.raises(ValueError, match=f"data folder {tmp_path} holds no subject file"):
         load_connectomes(tmp_path)
@@ -167,6 +177,9 @@ def test_two_files_for_one_subject_and_bad_communities(tmp_path):
         load_connectomes(tmp_path)
     (tmp_path / "communities.csv").write_text("roi,level1\n0,0\n1,0\n2,1\n")
     with pytest.raises(ValueError, match="level1 has no non-negative community for roi 3"):
+        load_connectomes(tmp_path)
+    (tmp_path / "communities.csv").write_text("roi,level1\n0,0\n1,0\n1,1\n")
+    with pytest.raises(ValueError, match="roi 1 is listed twice"):
         load_connectomes(tmp_path)
     (tmp_path / "communities.csv").write_text("roi,module\n0,0\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['level1'\]"):
