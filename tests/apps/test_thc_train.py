@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import networkx as nx
 import numpy as np
@@ -109,6 +110,17 @@ def test_training_is_deterministic_for_a_seed(tiny, tmp_path):
     assert a["auroc"] == b["auroc"]
     with pytest.raises(ValueError, match="unknown baseline"):
         TrainConfig(baselines=("svm",))
+
+
+def test_training_without_known_communities_reports_modularity_only(tiny, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny, folder)
+    (folder / "communities.csv").unlink()
+    metrics = run(folder, tmp_path / "out", TrainConfig(epochs=1, clusters=(4, 2), baselines=()))
+    assert "nmi" not in metrics and "ari" not in metrics
+    assert set(metrics["modularity"]) == {"level1", "level2"}
+    assert "planted_modularity" not in metrics["reference"]
+    assert (tmp_path / "out" / "connectivity_communities.png").stat().st_size > 0
 
 
 def test_bench_reports_time_and_memory_growing_with_rois(capsys):
