@@ -35,4 +35,5 @@ BENCHMARKS: dict[str, Benchmark] = {
                          "embedding cosine and retrieval vs dense", "quality"),
     "causal": Benchmark("causal clustered attention for decoders: speed vs SDPA is_causal, and "
                         "perplexity of a GPT trained on the stdlib", "causal"),
+    "thc": Benchmark("THC on brain networks: runtime and memory vs number of ROIs", "thc"),
 }
