@@ -57,8 +57,9 @@ def _static(value, what: str) -> int:
 
 def _check_site(node: fx.Node, site: Site, config: PatchToCluster) -> None:
     require_no_dropout(site, config)
-    if site.causal:
-        raise Decline("causal attention is not self-attention over patches")
+    if site.causal or getattr(site, "causal_queries", False):
+        raise Decline("causal attention (or a causal query stream) is not self-attention over "
+                      "patches: a cluster token mixes every position")
     if node.args[3] is not None:
         raise Decline("the attention has a mask; patch-to-cluster attention takes unmasked "
                       "self-attention over patches")
