@@ -57,7 +57,7 @@ def test_rewritten_flops_swap_dense_attention_for_paca():
 
 
 def test_one_epoch_of_the_rewritten_vit(tmp_path):
-    result = train("vit_paca_rewrite", epochs=1, budget=60, heatmaps=str(tmp_path),
+    result = train("vit_paca_rewrite", size=8, epochs=1, budget=60, heatmaps=str(tmp_path),
                    log=lambda *_: None)
     assert set(result) >= {"test_accuracy", "parameters", "flops_per_image", "train_seconds"}
     assert result["epochs"] == 1 and 0.0 <= result["test_accuracy"] <= 1.0
