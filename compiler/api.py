@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,12 @@ import torch.fx as fx
 
 from clusterfx.compiler.backend import LAST_STATE, ClusterfxBackend, check_backend
 from clusterfx.compiler.mesh import mesh_key
+from clusterfx.compiler.mesh import resolve as resolve_mesh
 from clusterfx.compiler.pass_manager import check_stop_after
 from clusterfx.compiler.report import Report, Row
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
 from clusterfx.config.vocabulary import PolicyError
-from clusterfx.passes.sequence_parallel import NOT_AVAILABLE
 
 
 @contextlib.contextmanager
@@ -88,9 +87,11 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     check_backend(backend)
     key = mesh_key(mesh)
     if key is not None:
-        warnings.warn(f"mesh={mesh!r}: {NOT_AVAILABLE}", stacklevel=2)
+        # sequence parallelism: resolved against the process group now (errors before any
+        # work); static shapes, so that every length is sharded with literal sizes
+        torch_compile_kwargs.setdefault("dynamic", False)
     state = CompileState(resolved, backend, Path(dump_dir) if dump_dir is not None else None,
-                         mesh=mesh, mesh_key=key)
+                         mesh=mesh, mesh_key=key, resolved_mesh=resolve_mesh(mesh))
     compiled = torch.compile(model, backend=ClusterfxBackend(state), **torch_compile_kwargs)
     if isinstance(model, torch.nn.Module):
         return CompiledModule(model, compiled, state)

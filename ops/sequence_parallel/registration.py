@@ -122,7 +122,7 @@ def sp_all_reduce(x: Tensor, seq_len: int, zigzag: bool, ulysses: int, ring: int
 
 @sp_all_reduce.register_fake
 def _(x, *args):
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 class GradSync(torch.autograd.Function):
@@ -218,7 +218,7 @@ def sp_ring_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 @sp_ring_attention_backward.register_fake
 def _(dout, q, k, v, out, lse, mask, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_ring(ctx, inputs, output):

@@ -60,7 +60,7 @@ class SeqLayout:
                if self.multiple != self.degree else
                f"ulysses·ring = {self.ulysses}·{self.ring}")
         return (f"sequence length ({seq_len}) must be divisible by {why} = {self.multiple}; "
-                f"pad the sequence, or compile with SequenceParallel(pad=True)")
+                f"pad the sequence to a multiple of {self.multiple} (with a key padding mask)")
 
     @property
     def local_len(self) -> int:
