@@ -13,7 +13,12 @@ from clusterfx.compiler.backend import LAST_STATE, ClusterfxBackend, check_backe
 from clusterfx.compiler.mesh import mesh_key
 from clusterfx.compiler.mesh import resolve as resolve_mesh
 from clusterfx.compiler.pass_manager import check_stop_after
-from clusterfx.compiler.report import Report, Row
+from clusterfx.compiler.report import (
+    Report,
+    Row,
+    sequence_parallel_summary,
+    sequence_parallel_traffic,
+)
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
 from clusterfx.config.vocabulary import PolicyError
@@ -133,13 +138,16 @@ def _report(state: CompileState) -> Report:
     records = state.latest_records()
     # a recompiled graph replaces its earlier record; its sites keep their telemetry names,
     # so run-time path counts of all versions add up
-    rows = [Row(site, state.telemetry.paths(site.runtime_tag) if site.runtime_tag else {})
+    rows = [Row(site, state.telemetry.paths(site.runtime_tag) if site.runtime_tag else {},
+                sequence_parallel_traffic(site.sequence_parallel.tag)
+                if site.sequence_parallel is not None else {})
             for rec in records for site in rec.sites]
     paths = [r.fqn for r in rows]
     return Report(rows=rows, unmatched_keys=state.policy.unmatched_keys(paths),
                   graphs=len(records), compiles=len(state.records),
                   pass_seconds=sum(sum(r.pass_seconds.values()) for r in records),
-                  policy=state.policy.to_dict())
+                  policy=state.policy.to_dict(),
+                  sequence_parallel=sequence_parallel_summary(records, state.resolved_mesh))
 
 
 def _checked(state: CompileState) -> Report:

@@ -71,6 +71,7 @@ class SequenceParallelResult(PassResult):
 
     outside: list[Outside] = field(default_factory=list)
     seq_len: int | None = None
+    tag: str = ""  # run-time traffic of the collectives outside the sites is counted here
 
 
 class SequenceParallelPass(GraphPass):
@@ -143,6 +144,7 @@ class _Rewriter:
         self.layout = sp.SeqLayout(self.seq_len, mesh.ulysses, mesh.ring, mesh.zigzag)
         self.cx = Context(self.seq_len, self.layout.local_len)
         self.builder = Builder(self.graph, self.layout, mesh, _tag(ctx, "sp"))
+        result.tag = self.builder._tag("graph")
         self.gathered: dict[fx.Node, fx.Node] = {}
         self.localized: dict[tuple[fx.Node, Shard], fx.Node] = {}
         self.whole_uses: dict[fx.Node, set[fx.Node]] = {}
