@@ -209,13 +209,28 @@ class _Rewriter:
                 self.whole_uses.setdefault(operand, set()).add(user)
         self.cx.shards[node] = out
 
-    def _run_gathered(self, node: fx.Node, why: str) -> None:
+    def _run_gathered(self, node: fx.Node, why: str, output: fx.Node | None = None) -> None:
+        """Run `node` on its gathered inputs; when its output (or `output`, e.g. item 0 of a
+        tuple) keeps a gathered input's shape, it takes the local tokens again right after
+        (exact for any whole tensor, and the rest of the graph stays sharded)."""
+        shards = []
         for a in _tensor_inputs(node):
-            if isinstance(self.cx.shard(a), Shard):
+            s = self.cx.shard(a)
+            if isinstance(s, Shard):
                 node.replace_input_with(a, self._gather(a, f"{_name(node)}: {why}"))
-            elif self.cx.shard(a) is not None:
+                shards.append((gshape(a), s))
+            elif s is not None:
                 raise GraphDecline(f"{_name(node)} takes a sharded tuple ({why})")
         self.cx.shards[node] = None
+        output = node if output is None else output
+        out = gval(output)
+        if not isinstance(out, torch.Tensor):
+            return
+        for shape, s in shards:
+            if tuple(out.shape) == shape:
+                local = self._localize(output, s, replace=True)
+                self.cx.shards[local] = s
+                return
 
     def _gather(self, node: fx.Node, why: str) -> fx.Node:
         if node not in self.gathered:
@@ -224,11 +239,13 @@ class _Rewriter:
             self.result.outside.append(Outside("gather", node.name, "all_gather", why))
         return self.gathered[node]
 
-    def _localize(self, node: fx.Node, shard: Shard) -> fx.Node:
+    def _localize(self, node: fx.Node, shard: Shard, replace: bool = False) -> fx.Node:
         key = (node, shard)
         if key not in self.localized:
             with self.graph.inserting_after(node):
-                self.localized[key] = self.builder.take_local(node, shard, "graph")
+                self.localized[key] = local = self.builder.take_local(node, shard, "graph")
+            if replace:  # every later use reads the local tokens
+                node.replace_all_uses_with(local, delete_user_cb=lambda u: u is not local)
             grad = gval(node).requires_grad
             self.result.outside.append(Outside(
                 "local tokens", node.name, "take_local" + (" (bwd all_gather)" if grad else ""),

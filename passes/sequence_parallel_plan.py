@@ -231,9 +231,10 @@ def rewrite_site(rw, node: fx.Node, site: Site, number: int):
     try:
         _check_site(rw, node, op, q, k, v, mask, shards, site)
     except Unsupported as why:
-        rw._run_gathered(node, str(why))
+        first = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        rw._run_gathered(node, str(why), first[0] if op.tuple_output and first else None)
         for user in node.users if op.tuple_output else ():
-            rw.cx.shards[user] = None
+            rw.cx.shards.setdefault(user, None)
         return SequenceParallelRecord("gathered", f"runs on the gathered sequence: {why}"), \
             None, None
     return _rewrite(rw, node, op, q, k, v, mask)
@@ -245,7 +246,6 @@ def _check_site(rw, node, op, q, k, v, mask, shards, site: Site) -> None:
     qs, ks = gshape(q), gshape(k)
     if len(qs) != 4 or qs[2] != rw.seq_len or ks[2] != rw.seq_len or ks[0] != qs[0]:
         raise Unsupported(f"q {qs} / k {ks} are not self-attention over the sequence")
-    op.check(node)
     if op.tuple_output and any(
             user.users for user in node.users
             if not (user.target is operator.getitem and user.args[1] == 0)):
@@ -264,8 +264,10 @@ def _check_site(rw, node, op, q, k, v, mask, shards, site: Site) -> None:
             raise Unsupported(f"the mask varies over {m.shape[-3]} heads")
         if m.shape[-1] != rw.seq_len or (m.dim() >= 2 and m.shape[-2] not in (1, rw.seq_len)):
             raise Unsupported(f"mask {tuple(m.shape)} is not over the sequence's positions")
-    if rw.mesh.ring > 1 and op.ring is None:
-        raise Unsupported(f"{node.target} has no ring version")
+    if rw.mesh.ring > 1:
+        if op.ring is None:
+            raise Unsupported(op.no_ring)
+        op.ring_check(node)
 
 
 def _rewrite(rw, node: fx.Node, op: AttentionOp, q, k, v, mask):

@@ -28,21 +28,23 @@ from clusterfx.ops import topk as _topk  # noqa: F401 - registers clusterfx::top
 from clusterfx.ops.attention import dense_attention
 from clusterfx.passes.analysis.graph_utils import SDPA
 from clusterfx.passes.analysis.sequence_shards import Unsupported
-from clusterfx.passes.sequence_parallel_clustered import conditional_ring
+from clusterfx.passes.sequence_parallel_clustered import conditional_ring, conditional_ring_check
 
 
 @dataclass(frozen=True)
 class AttentionOp:
     """Where a lowered attention op keeps its operands. `mask`: (positional index, keyword)
-    of the mask; `causal(node)`; `ring(builder, node, q, k, v, mask) -> out node` or None;
-    `tuple_output`: the op returns a tuple whose item 0 is the attention output;
-    `check(node)` raises Unsupported for arguments the rewrite cannot take."""
+    of the mask; `causal(node)`; `ring(builder, node, q, k, v, mask) -> out node` or None
+    (then `no_ring` says why); `ring_check(node)` raises Unsupported for arguments its ring
+    cannot take (before anything is emitted); `tuple_output`: the op returns a tuple whose
+    item 0 is the attention output."""
 
     mask: tuple[int | None, str | None]
     causal: Callable[[fx.Node], bool]
     ring: Callable[..., fx.Node] | None = None
+    no_ring: str = "it has no ring version"
+    ring_check: Callable[[fx.Node], None] = field(default=lambda node: None)
     tuple_output: bool = False
-    check: Callable[[fx.Node], None] = field(default=lambda node: None)
 
     def operands(self, node: fx.Node) -> tuple[Any, Any, Any, Any]:
         q, k, v = node.args[:3]
@@ -86,8 +88,8 @@ def _no_dropout(index: int, name: str):
 
 
 def _dense_ring(dropout: tuple[int, str], causal: Callable, scale: Callable):
+    del dropout  # checked by ring_check
     def emit(b, node: fx.Node, q, k, v, mask) -> fx.Node:
-        _no_dropout(*dropout)(node)
         s = scale(node)
         if s is None:
             s = float(b.global_shape(q)[-1]) ** -0.5
@@ -102,20 +104,19 @@ _sdpa_causal = lambda n: bool(_kw(n, 5, "is_causal", False))  # noqa: E731
 _sdpa_scale = lambda n: _kw(n, 6, "scale", None)  # noqa: E731
 register_site_op(SDPA, AttentionOp(
     mask=(3, "attn_mask"), causal=_sdpa_causal,
-    ring=_dense_ring((4, "dropout_p"), _sdpa_causal, _sdpa_scale)))
+    ring=_dense_ring((4, "dropout_p"), _sdpa_causal, _sdpa_scale),
+    ring_check=_no_dropout(4, "dropout_p")))
 _dense_causal = lambda n: bool(_kw(n, 5, "is_causal", False))  # noqa: E731
 register_site_op(dense_attention, AttentionOp(
     mask=(3, "attn_mask"), causal=_dense_causal,
-    ring=_dense_ring((4, "dropout_p"), _dense_causal, lambda n: _kw(n, 6, "scale", 1.0))))
-
-
-def _topk_ring(b, node, q, k, v, mask):
-    raise Unsupported("TopK over a ring would need a running top-k across the rotating key "
-                      "blocks, which this build does not have; it runs on the gathered "
-                      "sequence (use ulysses alone for TopK)")
+    ring=_dense_ring((4, "dropout_p"), _dense_causal, lambda n: _kw(n, 6, "scale", 1.0)),
+    ring_check=_no_dropout(4, "dropout_p")))
 
 
 register_site_op(torch.ops.clusterfx.topk_attention.default, AttentionOp(
-    mask=(4, None), causal=lambda n: bool(n.args[5]), ring=_topk_ring))
+    mask=(4, None), causal=lambda n: bool(n.args[5]),
+    no_ring="TopK over a ring would need a running top-k across the rotating key blocks, "
+            "which this build does not have (use ulysses alone for TopK)"))
 register_site_op(torch.ops.clusterfx.conditional_attention.default, AttentionOp(
-    mask=(3, None), causal=lambda n: False, ring=conditional_ring, tuple_output=True))
+    mask=(3, None), causal=lambda n: False, ring=conditional_ring,
+    ring_check=conditional_ring_check, tuple_output=True))
