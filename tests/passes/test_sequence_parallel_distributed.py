@@ -1,0 +1,151 @@
+"""`clusterfx.compile(model, mesh=...)` on 2 and 4 gloo processes equals the same model compiled
+on one process (every rank computes that oracle itself): outputs and parameter gradients
+(float64 <= 1e-10), on the GPT-like and BERT-like reference models and a Hugging Face Llama
+(GQA, rotary positions), for Ulysses, ring and USP, with and without zigzag, with Inductor
+too. The bytes each site's collectives sent per step, counted at run time, equal the planned
+volumes (which tests/passes/test_sequence_parallel.py checks against the formulas), and each
+site issues the planned number of collectives per step."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed_helpers import launch
+
+pytestmark = pytest.mark.distributed
+
+
+def _model(name: str):
+    import torch
+
+    from clusterfx.models import bert_tiny, example_inputs, gpt_tiny
+
+    torch.manual_seed(0)
+    if name.startswith("gpt"):
+        kv = {"gpt": None, "gpt-gqa": 2, "gpt-mqa": 1}[name]
+        model = gpt_tiny(dropout=0.0, depth=2, heads=4, kv_heads=kv)
+        return model.double(), example_inputs("gpt", model=model, seq_len=16)
+    if name == "bert":
+        model = bert_tiny(dropout=0.0, depth=2)
+        return model.double(), example_inputs("bert", model=model, seq_len=16)
+    if name == "llama":
+        import transformers
+
+        cfg = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=100, attn_implementation="sdpa")
+        llama = transformers.LlamaModel(cfg).double()
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = llama
+
+            def forward(self, ids):
+                return self.model(input_ids=ids, use_cache=False).last_hidden_state
+
+        ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        return Wrapped(), (ids,)
+    raise AssertionError(name)
+
+
+def model_cases(rank, world, cases):
+    import torch
+
+    import clusterfx as cfx
+
+    results = []
+    for case in cases:
+        model, inputs = _model(case["model"])
+        policy = case.get("policy")
+        spec = cfx.SequenceParallel(ulysses=case["u"], ring=case["r"],
+                                    load_balance=case.get("lb", "zigzag"),
+                                    data_parallel=world // (case["u"] * case["r"]))
+        compiled = cfx.compile(model, policy=policy, backend=case["backend"], mesh=spec)
+        params = [p for p in model.parameters()]
+
+        def run(fn):
+            for p in params:
+                p.grad = None
+            out = fn(*inputs)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                            dtype=out.dtype)
+            (out * g).sum().backward()
+            return out.detach(), [None if p.grad is None else p.grad.clone() for p in params]
+
+        out, grads = run(compiled)
+        want, want_grads = run(cfx.compile(model, policy=policy, backend=case["backend"]))
+        scale = max(float(g.abs().max()) for g in want_grads if g is not None)
+        report = cfx.explain(compiled)
+        sites = []
+        for row in report:
+            record = row.sequence_parallel
+            planned = {f"{c.name}.{c.phase}": (c.count, c.bytes) for c in record.collectives}
+            sites.append({
+                "mode": record.mode, "reason": record.reason,
+                "planned_fwd": record.bytes_per_step("fwd"),
+                "planned_bwd": record.bytes_per_step("bwd"),
+                "ran_fwd": row.measured_bytes_per_step("fwd"),
+                "ran_bwd": row.measured_bytes_per_step("bwd"),
+                "calls": {k: v for k, v in row.traffic.items() if k.endswith("calls")},
+                "planned": planned})
+        results.append({
+            "out": float((out - want).abs().max() / want.abs().max()),
+            "grads": max(float((a - b).abs().max()) / scale
+                         for a, b in zip(grads, want_grads) if b is not None),
+            "missing": sum((a is None) != (b is None) for a, b in zip(grads, want_grads)),
+            "sites": sites, "report": str(report) if rank == 0 else ""})
+    return results
+
+
+TWO = [dict(model="gpt-gqa", u=2, r=1, backend="eager"),
+       dict(model="gpt", u=1, r=2, backend="eager"),
+       dict(model="bert", u=1, r=2, backend="aot_eager"),
+       dict(model="gpt-mqa", u=2, r=1, backend="inductor")]
+FOUR = [dict(model="gpt", u=2, r=2, backend="eager"),
+        dict(model="gpt-gqa", u=1, r=4, backend="eager", lb="none"),
+        dict(model="bert", u=4, r=1, backend="eager"),
+        dict(model="bert", u=2, r=2, backend="eager"),
+        dict(model="llama", u=2, r=2, backend="eager"),
+        dict(model="gpt", u=2, r=1, backend="eager")]  # 2 data-parallel replicas of (2, 1)
+
+
+def _ids(cases):
+    return [f"{c['model']}-u{c['u']}r{c['r']}-{c['backend']}-{c.get('lb', 'zigzag')}"
+            for c in cases]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return launch(f"{__name__}:model_cases", 2, {"cases": TWO}, timeout=500)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return launch(f"{__name__}:model_cases", 4, {"cases": FOUR}, timeout=600)
+
+
+def _check(results, index, case):
+    mode = "usp" if case["u"] > 1 and case["r"] > 1 else "ulysses" if case["u"] > 1 else "ring"
+    for rank in results:
+        res = rank[index]
+        assert res["out"] <= 1e-10 and res["grads"] <= 1e-10 and not res["missing"], res
+        assert len(res["sites"]) == 2
+        for site in res["sites"]:
+            assert site["mode"] == mode, (site, results[0][index]["report"])
+            assert site["ran_fwd"] == site["planned_fwd"] > 0
+            assert site["ran_bwd"] == site["planned_bwd"] > 0
+            for key, (count, _) in site["planned"].items():
+                name, phase = key.rsplit(".", 1)
+                counted = name.replace("ring ", "")
+                assert site["calls"][f"{counted}.{phase}.calls"] == count, (key, site)
+
+
+@pytest.mark.parametrize("index", range(len(TWO)), ids=_ids(TWO))
+def test_compiled_models_on_two_ranks(two_ranks, index):
+    _check(two_ranks, index, TWO[index])
+
+
+@pytest.mark.parametrize("index", range(len(FOUR)), ids=_ids(FOUR))
+def test_compiled_models_on_four_ranks(four_ranks, index):
+    _check(four_ranks, index, FOUR[index])
