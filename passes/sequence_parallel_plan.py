@@ -312,9 +312,11 @@ def _rewrite(rw, node: fx.Node, op: AttentionOp, q, k, v, mask):
         rw.dead.update(node.users)
     mode = "usp" if u > 1 and r > 1 else "ulysses" if u > 1 else "ring"
     item, cd = itemsizes(dtype)
-    record = SequenceParallelRecord(
-        mode, "", volumes(qs, ks, vs, rep, u, r, rw.layout.local_len, rw.seq_len, item, cd),
-        b.tag, rep)
+    planned = volumes(qs, ks, vs, rep, u, r, rw.layout.local_len, rw.seq_len, item, cd)
+    if r > 1:
+        planned += [Collective(*c) for c in op.ring_volumes(
+            node, qs[0], ks[1] * rep // u, qs[3], r, rw.seq_len)]
+    record = SequenceParallelRecord(mode, "", planned, b.tag, rep)
     return record, final, Shard(2)
 
 

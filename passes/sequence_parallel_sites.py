@@ -28,7 +28,11 @@ from clusterfx.ops import topk as _topk  # noqa: F401 - registers clusterfx::top
 from clusterfx.ops.attention import dense_attention
 from clusterfx.passes.analysis.graph_utils import SDPA
 from clusterfx.passes.analysis.sequence_shards import Unsupported
-from clusterfx.passes.sequence_parallel_clustered import conditional_ring, conditional_ring_check
+from clusterfx.passes.sequence_parallel_clustered import (
+    conditional_ring,
+    conditional_ring_check,
+    conditional_ring_volumes,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class AttentionOp:
     no_ring: str = "it has no ring version"
     ring_check: Callable[[fx.Node], None] = field(default=lambda node: None)
     tuple_output: bool = False
+    # (node, B, kv heads per rank, D, r, S) -> [(collective, group, phase, count, bytes)]
+    # that the ring version sends besides K/V and their gradients
+    ring_volumes: Callable[..., list] = field(default=lambda node, *dims: [])
 
     def operands(self, node: fx.Node) -> tuple[Any, Any, Any, Any]:
         q, k, v = node.args[:3]
@@ -119,4 +126,5 @@ register_site_op(torch.ops.clusterfx.topk_attention.default, AttentionOp(
             "which this build does not have (use ulysses alone for TopK)"))
 register_site_op(torch.ops.clusterfx.conditional_attention.default, AttentionOp(
     mask=(3, None), causal=lambda n: False, ring=conditional_ring,
-    ring_check=conditional_ring_check, tuple_output=True))
+    ring_check=conditional_ring_check, tuple_output=True,
+    ring_volumes=conditional_ring_volumes))
