@@ -52,9 +52,10 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def launch(target: str, world: int, args: dict[str, Any] | None = None, *,
            timeout: float = 300.0, collective_timeout: float = 60.0,
-           expect_failure: bool = False) -> list[Any]:
+           expect_failure: bool = False, grace: float = 30.0) -> list[Any]:
     """Results of ``target(rank, world, **args)`` per rank (see the module docstring).
-    `expect_failure=True`: return each rank's (exit status, output) instead of raising."""
+    `expect_failure=True`: return each rank's (exit status, output) instead of raising; the
+    other ranks get `grace` seconds after the first failure to end by themselves."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="cfx-dist-") as tmp:
@@ -74,8 +75,10 @@ def launch(target: str, world: int, args: dict[str, Any] | None = None, *,
         try:
             while any(p.poll() is None for p in procs):
                 failed = [p for p in procs if p.poll() not in (None, 0)]
-                if (failed and not expect_failure) or time.monotonic() > deadline:
+                if failed and not expect_failure or time.monotonic() > deadline:
                     break
+                if failed:  # let the others end by themselves for a while, then kill them
+                    deadline = min(deadline, time.monotonic() + grace)
                 time.sleep(0.2)
             timed_out = any(p.poll() is None for p in procs)
         finally:

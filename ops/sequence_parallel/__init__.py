@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.sequence_parallel import registration  # noqa: F401 - registers the ops
+from clusterfx.ops.sequence_parallel.clustered import ring_metric
 from clusterfx.ops.sequence_parallel.common.comm import Groups, SequenceParallelTimeout, traffic
 from clusterfx.ops.sequence_parallel.common.layout import (
     LOAD_BALANCES,
@@ -43,8 +44,8 @@ from clusterfx.ops.sequence_parallel.registration import IMPLS, grad_sync
 
 __all__ = ["IMPLS", "LOAD_BALANCES", "Groups", "SeqLayout", "SequenceParallelTimeout",
            "check_heads", "check_load_balance", "gather", "grad_sync", "heads_to_seq",
-           "kv_replication", "local_positions", "ring_attention", "seq_to_heads",
-           "take_local", "traffic", "usp_attention"]
+           "kv_replication", "local_positions", "ring_attention", "ring_metric",
+           "seq_to_heads", "take_local", "traffic", "usp_attention", "usp_clustered_attention"]
 
 _ops = torch.ops.clusterfx
 
@@ -128,6 +129,31 @@ def usp_attention(q, k, v, layout: SeqLayout, groups: Groups, *, mask=None,
     out, _ = ring_attention(q, k, v, layout, groups, mask=mask, causal=causal, scale=scale,
                             impl=impl, tag=tag)
     return heads_to_seq(out, layout, groups, tag) if u > 1 else out
+
+
+def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clusters: int,
+                            key_padding_mask=None, scale: float | None = None,
+                            iterations: int = 5, bits: int = 63, seed: int = -1,
+                            clustering: str = "hamming", refine: int = 1,
+                            metric: str = "attention", impl: str = "auto", tag: str = ""):
+    """Clustered attention on local tokens over the whole mesh: all-to-all, then each ring
+    rank clusters its ring block's queries and the centroids attend to all keys by ring
+    attention (`clustered.py`), all-to-all back. `key_padding_mask` (B, S) over token
+    positions (True = keep). Shapes: q (B, H, L, D), k, v (B, Hk, L, ·) →
+    (out (B, H, L, Dv), assignments (B, H/u, S/r) of this rank's heads and ring block)."""
+    u = groups.ulysses
+    check_heads(q.shape[1], k.shape[1], u)
+    rep = kv_replication(k.shape[1], u)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if u > 1:
+        q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    out, assignments, _, _ = _ops.sp_ring_conditional_attention(
+        q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine, metric, 0,
+        *mesh_args(layout, groups), impl, tag, "")
+    return (heads_to_seq(out, layout, groups, tag) if u > 1 else out), assignments
 
 
 def _check_ring_inputs(q, k, v, mask, layout: SeqLayout) -> None:

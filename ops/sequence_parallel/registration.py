@@ -24,9 +24,12 @@ import importlib
 import torch
 from torch import Tensor
 
+from clusterfx.ops.clustered import key_padding
+from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.checks import compute_dtype
 from clusterfx.ops.common.dispatch import resolve_impl
+from clusterfx.ops.sequence_parallel import clustered as ring_clustered
 from clusterfx.ops.sequence_parallel.common import ring as ring_mod
 from clusterfx.ops.sequence_parallel.common import sharding
 from clusterfx.ops.sequence_parallel.common.comm import Groups
@@ -234,3 +237,98 @@ def _ring_backward(ctx, grad, _grad_lse):
 
 
 sp_ring_attention.register_autograd(_ring_backward, setup_context=_setup_ring)
+
+
+# ---------------------------------------------------------------- clustered attention, ring
+
+CONDITIONAL_PATHS = ("approximate", "exact: shorter than min_length",
+                     "exact: mask is not key padding")
+
+
+@torch.library.custom_op("clusterfx::sp_ring_conditional_attention", mutates_args=())
+def sp_ring_conditional_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, clusters: int,
+    iterations: int, bits: int, seed: int, clustering: str, refine: int, metric: str,
+    min_length: int, seq_len: int, zigzag: bool, ulysses: int, ring: int, ulysses_group: str,
+    ring_group: str, timeout: float, impl: str, tag: str, site: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Clustered attention over the ring (`clustered.py`), or exact ring attention below
+    `min_length` keys or for a mask that is not key padding (as `conditional_attention`).
+    Returns (out, assignments, path, lse) with lse (B, H, max(Nb, C)): the centroids' (first
+    C) or the queries' (first Nb) log-sum-exp, kept for the backward."""
+    layout, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
+    mod, backend = kernels(impl, q.device)
+    B, H, N, _ = q.shape
+    spec = ClusteringSpec(clusters, iterations, bits, seed, clustering, refine, metric)
+    path, keep = 1, None
+    if seq_len >= min_length:
+        ok, keep = key_padding(mask, B, seq_len)
+        path = 0 if ok else 2
+    telemetry.record("conditional_attention", "ring " + backend, site=site,
+                     path=CONDITIONAL_PATHS[path] + f" [ring {backend}]")
+    lse_out = q.new_zeros(B, H, max(N, clusters), dtype=compute_dtype(q))
+    if path:
+        out, lse = ring_mod.ring_forward(q, k, v, mask, False, scale, layout, groups, mod, tag)
+        assignments = torch.zeros(B, H, N, dtype=torch.int64, device=q.device)
+    else:
+        clustering_impl = "reference" if impl == "reference" else "auto"  # noqa: SIM108
+        out, assignments, _, lse = ring_clustered.forward(
+            q, k, v, keep, scale, spec, layout, groups, mod, clustering_impl, tag)
+    lse_out[..., :lse.shape[-1]] = lse
+    return (out.to(q.dtype).contiguous(), assignments, torch.tensor(path, dtype=torch.int64),
+            lse_out)
+
+
+@sp_ring_conditional_attention.register_fake
+def _(q, k, v, mask, scale, clusters, *args):
+    B, H, N, _ = q.shape
+    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.int64),
+            q.new_empty((), dtype=torch.int64),
+            q.new_empty(B, H, max(N, clusters), dtype=compute_dtype(q)))
+
+
+@torch.library.custom_op("clusterfx::sp_ring_conditional_attention_backward", mutates_args=())
+def sp_ring_conditional_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor,
+    assignments: Tensor, path: Tensor, lse: Tensor, scale: float, clusters: int, seq_len: int,
+    zigzag: bool, ulysses: int, ring: int, ulysses_group: str, ring_group: str,
+    timeout: float, impl: str, tag: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    layout, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
+    mod, _ = kernels(impl, q.device)
+    B, H, N, Dv = out.shape
+    dout = dout.contiguous()
+    if int(path):
+        dq, dk, dv = ring_mod.ring_backward(dout, q, k, v, out, lse[..., :N], mask, False,
+                                            scale, layout, groups, mod, tag)
+    else:
+        _, keep = key_padding(mask, B, seq_len)
+        # every member of a cluster holds its centroid's row; empty clusters get no gradient
+        oc = out.new_zeros(B, H, clusters, Dv).scatter_(
+            2, assignments[..., None].expand(B, H, N, Dv), out)
+        dq, dk, dv = ring_clustered.backward(dout, q, k, v, keep, assignments, oc,
+                                             lse[..., :clusters], scale, clusters, layout,
+                                             groups, mod, tag)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@sp_ring_conditional_attention_backward.register_fake
+def _(dout, q, k, v, *args):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_conditional(ctx, inputs, output):
+    q, k, v, mask, scale, clusters = inputs[:6]
+    ctx.save_for_backward(q, k, v, mask, output[0], output[1], output[2], output[3])
+    ctx.args = (scale, clusters, *inputs[13:22])  # *mesh, impl, tag
+
+
+def _conditional_backward(ctx, grad, _ga, _gp, _gl):
+    q, k, v, mask, out, assignments, path, lse = ctx.saved_tensors
+    dq, dk, dv = sp_ring_conditional_attention_backward(grad, q, k, v, mask, out, assignments,
+                                                        path, lse, *ctx.args)
+    return (dq, dk, dv) + (None,) * 20
+
+
+sp_ring_conditional_attention.register_autograd(_conditional_backward,
+                                                setup_context=_setup_conditional)

@@ -150,3 +150,100 @@ def test_zigzag_balances_causal_pairs(four_ranks):
     assert max(zigzag) == min(zigzag) > 0
     assert max(plain) / min(plain) > 5  # ring rank i: 16·i + 10 pairs per head: 58 / 10
     assert sum(plain) == sum(zigzag) == B * 4 * 16 * 17 // 2  # all pairs, once
+
+
+# ------------------------------------------------------------------ clustered over the mesh
+
+C = 3  # clusters per (batch, head, ring rank)
+
+
+def clustered_cases(rank, world, cases, seq_len):
+    """Clustered attention over (u, r): outputs and q/k/v gradients against single-process
+    clustered attention from the same assignments (ring rank i's cluster j = global cluster
+    i·C + j); the metric reduced over the ring against `attention_metric` of the gathered
+    keys; the assignments against single-process clustering of the same queries with the
+    same seed and that metric."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from clusterfx.ops import sequence_parallel as sp
+    from clusterfx.ops.clustered import clustered_attention_from_assignments
+    from clusterfx.ops.clustering import ClusteringSpec, attention_metric, cluster_with
+
+    results = []
+    for n, c in enumerate(cases):
+        u, r = c["u"], c["r"]
+        mesh = init_device_mesh("cpu", (world // (u * r), r, u),
+                                mesh_dim_names=("dp", "ring", "ulysses"))
+        groups = sp.Groups(u, r, mesh.get_group("ulysses").group_name if u > 1 else "",
+                           mesh.get_group("ring").group_name if r > 1 else "", 60.0)
+        layout = sp.SeqLayout(seq_len, u, r, c["zigzag"])
+        H, Hk = c["heads"], c["kv_heads"]
+        gen = torch.Generator().manual_seed(100 + n)
+        q, g = (torch.randn(B, H, seq_len, D, generator=gen, dtype=torch.float64)
+                for _ in range(2))
+        k, v = (torch.randn(B, Hk, seq_len, D, generator=gen, dtype=torch.float64)
+                for _ in range(2))
+        keep = torch.ones(B, seq_len, dtype=torch.bool)
+        keep[1, -seq_len // 4:] = False
+        pos = sp.local_positions(layout, groups)
+        leaves = [x[:, :, pos].clone().requires_grad_() for x in (q, k, v)]
+        out, assignments = sp.usp_clustered_attention(
+            *leaves, layout, groups, clusters=C, key_padding_mask=keep, seed=7, scale=0.3)
+        out.backward(g[:, :, pos])
+        i, j = groups.ring_rank(), groups.ulysses_rank()
+        pieces = [None] * dist.get_world_size()
+        dist.all_gather_object(pieces, (i, j, assignments))
+        sp_ranks = _same_sequence(pieces, rank, u, r)
+        global_assign = torch.zeros(B, H, seq_len, dtype=torch.int64)
+        h = H // u
+        for ri, uj, a in sp_ranks:
+            block = layout.block_positions(ri)
+            global_assign[:, uj * h:(uj + 1) * h][:, :, block] = a + ri * C
+        want_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        want = clustered_attention_from_assignments(*want_leaves, global_assign, r * C,
+                                                    key_padding_mask=keep, scale=0.3,
+                                                    impl="reference")
+        want.backward(g)
+        errs = [float((out - want[:, :, pos]).abs().max() / want.abs().max())]
+        errs += [float((a.grad - b.grad[:, :, pos]).abs().max() / b.grad.abs().max())
+                 for a, b in zip(leaves, want_leaves)]
+        # the ring-reduced metric and the clustering with the same seed, on one process
+        rep = max(1, u // Hk)
+        kh = (k.repeat_interleave(rep, 1) if rep > 1 else k)[:, j * (k.shape[1] * rep // u):
+                                                            (j + 1) * (k.shape[1] * rep // u)]
+        metric = attention_metric(kh, h, keep)
+        block = layout.block_positions(i)
+        kb = kh[:, :, block]
+        ring_m = sp.ring_metric(kb, h, keep, layout, groups, "")
+        qb = q[:, j * h:(j + 1) * h][:, :, block]
+        centre = keep[:, None, block].expand(qb.shape[:3])
+        spec = ClusteringSpec(C, seed=7)
+        again, _ = cluster_with(qb, spec, metric=metric, centre_mask=centre)
+        results.append({"errors": errs,
+                        "metric": float((ring_m - metric).abs().max() / metric.abs().max()),
+                        "same_assignments": bool(torch.equal(again, assignments))})
+    return results
+
+
+def _same_sequence(pieces, rank, u, r):
+    first = rank // (u * r) * (u * r)
+    return pieces[first:first + u * r]
+
+
+CLUSTERED_TWO = [dict(u=1, r=2, zigzag=True, heads=4, kv_heads=4),
+                 dict(u=2, r=1, zigzag=True, heads=4, kv_heads=2)]
+CLUSTERED_FOUR = [dict(u=2, r=2, zigzag=True, heads=4, kv_heads=2),
+                  dict(u=1, r=4, zigzag=False, heads=2, kv_heads=1),
+                  dict(u=4, r=1, zigzag=True, heads=4, kv_heads=1)]
+
+
+@pytest.mark.parametrize("world,cases", [(2, CLUSTERED_TWO), (4, CLUSTERED_FOUR)])
+def test_clustered_over_the_mesh_equals_one_process(world, cases):
+    results = launch(f"{__name__}:clustered_cases", world, {"cases": cases, "seq_len": 32},
+                     timeout=400)
+    for rank in results:
+        for case, res in zip(cases, rank):
+            assert max(res["errors"]) <= 1e-10, (case, res)
+            assert res["metric"] <= 1e-10, (case, res)
+            assert res["same_assignments"], case

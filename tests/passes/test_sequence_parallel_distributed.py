@@ -169,3 +169,39 @@ def test_compiled_models_on_two_ranks(two_ranks, index):
 @pytest.mark.parametrize("index", range(len(FOUR)), ids=_ids(FOUR))
 def test_compiled_models_on_four_ranks(four_ranks, index):
     _check(four_ranks, index, FOUR[index])
+
+
+def failing_peer(rank, world, behaviour):
+    """Rank 1 fails (raises) or never arrives (sleeps); rank 0 runs the compiled model."""
+    import time
+
+    import clusterfx as cfx
+
+    model, inputs = _model("gpt")
+    compiled = cfx.compile(model, backend="eager",
+                           mesh=cfx.SequenceParallel(ulysses=2, timeout=5.0))
+    if rank == 1:
+        if behaviour == "raise":
+            raise RuntimeError("rank 1 failed on purpose")
+        time.sleep(90)
+    start = time.monotonic()
+    try:
+        compiled(*inputs)
+    except RuntimeError as exc:
+        print(f"ELAPSED {time.monotonic() - start:.1f}", flush=True)
+        raise exc
+    return "no error"
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "sleep"])
+def test_a_failed_or_absent_peer_ends_the_other_rank_with_a_clear_error(behaviour):
+    import re
+
+    results = launch(f"{__name__}:failing_peer", 2, {"behaviour": behaviour}, timeout=240,
+                     expect_failure=True, grace=5)
+    (code0, log0), (code1, _) = results
+    assert code0 == 1 and code1 != 0  # rank 0 ended by itself (not killed), with an error
+    assert "sequence parallel: all_to_all at site" in log0, log0[-2000:]
+    assert "a peer failed or never arrived" in log0
+    elapsed = float(re.search(r"ELAPSED ([0-9.]+)", log0).group(1))
+    assert elapsed < 60  # bounded: the 5 s timeout, or at once when the peer's socket closes

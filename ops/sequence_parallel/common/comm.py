@@ -13,7 +13,10 @@ all-reduce 2(g-1)/g of its input, a ring hop the whole tensor (g: the group size
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import os
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -24,7 +27,29 @@ traffic: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
 
 class SequenceParallelTimeout(RuntimeError):
-    """A collective did not complete in time: a peer failed or never arrived."""
+    """A collective did not complete in time: a peer failed or never arrived.
+
+    Once raised, the process ends with exit status 1 when the interpreter exits: a process
+    group with an unfinished collective would otherwise block the exit until the peer comes
+    back (with torchrun, the launcher then stops the other ranks)."""
+
+
+_exit_armed = [False]
+
+
+def _exit_hard_at_exit() -> None:
+    """Arm (once) an atexit hook that ends the process instead of letting the process
+    group's teardown wait for a peer that never comes."""
+    if _exit_armed[0]:
+        return
+    _exit_armed[0] = True
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    atexit.register(leave)
 
 
 @dataclass(frozen=True)
@@ -73,10 +98,12 @@ def _wait(work, what: str, tag: str, pg, timeout: float) -> None:
     try:
         ok = work.wait(datetime.timedelta(seconds=timeout))
     except RuntimeError as exc:
+        _exit_hard_at_exit()
         raise SequenceParallelTimeout(
             f"sequence parallel: {what} at site {tag or '?'} over ranks {_ranks(pg)} failed "
             f"within {timeout:g}s (a peer failed or never arrived): {exc}") from None
     if ok is False:
+        _exit_hard_at_exit()
         raise SequenceParallelTimeout(
             f"sequence parallel: {what} at site {tag or '?'} over ranks {_ranks(pg)} did not "
             f"complete within {timeout:g}s (a peer failed or never arrived)")

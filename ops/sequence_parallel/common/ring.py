@@ -18,6 +18,9 @@ owner); each block's gradients use the global out and lse.
 A mask is over original token positions, broadcastable to (B, H, S, S) (bool keep-mask or
 additive); each pair reads its rows and columns.
 
+Without causality the queries need not be the block's tokens (cluster centroids, say: any
+number of rows, with a mask over keys only).
+
 Shapes: q (B, H, Nb, D), k (B, Hk, Nb, D), v (B, Hk, Nb, Dv), Nb = S/r in ring-block order →
 out (B, H, Nb, Dv) in q's dtype, lse (B, H, Nb) in the compute dtype.
 """
@@ -56,25 +59,35 @@ def _rows(chunks: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def pairs(layout: SeqLayout, i: int, j: int, causal: bool):
+def pairs(layout: SeqLayout, i: int, j: int, causal: bool, device=None):
     """The (kind, q rows, k rows, q positions, k positions) computed at ring rank i when it
-    holds ring block j, skipped pairs left out."""
+    holds ring block j, skipped pairs left out. Without causality one pair covers the blocks
+    (q positions None: the queries need not be tokens, e.g. cluster centroids)."""
+    if not causal:
+        yield FULL, slice(None), slice(None), None, layout.block_positions(j, device)
+        return
     for a0, a1, qo, qn in _rows(layout.chunks(i)):
         for b0, b1, ko, kn in _rows(layout.chunks(j)):
             kind = pair_kind((a0, a1), (b0, b1), causal)
             if kind != SKIP:
-                yield kind, slice(qo, qo + qn), slice(ko, ko + kn), (a0, a1), (b0, b1)
+                yield (kind, slice(qo, qo + qn), slice(ko, ko + kn),
+                       torch.arange(a0, a1, device=device), torch.arange(b0, b1, device=device))
 
 
 def unmasked_pairs(kind: str, nq: int, nk: int) -> int:
     return nq * (nq + 1) // 2 if kind == DIAGONAL else nq * nk
 
 
-def _bias(mask, qpos, kpos, dtype):
+def _bias(mask, qpos, kpos, dtype, layout: SeqLayout, i: int):
+    """The mask's rows of the queries (token positions; ring block i when `qpos` is None) and
+    columns of the keys, additive in `dtype`."""
     if mask is None:
         return None
-    m = mask if mask.shape[-2] == 1 else mask[..., qpos[0]:qpos[1], :]
-    return additive_bias(m[..., kpos[0]:kpos[1]], dtype)
+    m = mask
+    if mask.shape[-2] != 1:
+        rows = qpos if qpos is not None else layout.block_positions(i, mask.device)
+        m = m.index_select(-2, rows)
+    return additive_bias(m.index_select(-1, kpos), dtype)
 
 
 class _Ring:
@@ -95,21 +108,22 @@ def ring_forward(q, k, v, mask, causal: bool, scale: float, layout: SeqLayout,
     """(out, lse) of attention of the local ring block's queries to all S keys."""
     ring = _Ring(groups, tag, "fwd")
     cd = compute_dtype(q)
-    B, H, Nb, _ = q.shape
-    out = q.new_zeros(B, H, Nb, v.shape[-1], dtype=cd)
-    lse = q.new_full((B, H, Nb), float("-inf"), dtype=cd)
+    B, H, Nq, _ = q.shape
+    out = q.new_zeros(B, H, Nq, v.shape[-1], dtype=cd)
+    lse = q.new_full((B, H, Nq), float("-inf"), dtype=cd)
     computed = 0
     for s in range(ring.r):
         j = (ring.i - s) % ring.r
         shift = ring.shift("k,v") if s < ring.r - 1 else None
         if shift is not None:
             shift.start([k, v])
-        for kind, qr, kr, qpos, kpos in pairs(layout, ring.i, j, causal):
-            o, lse_b = kernels.block_forward(q[:, :, qr], k[:, :, kr], v[:, :, kr],
-                                             _bias(mask, qpos, kpos, cd), scale,
+        for kind, qr, kr, qpos, kpos in pairs(layout, ring.i, j, causal, q.device):
+            ks = k[:, :, kr]
+            o, lse_b = kernels.block_forward(q[:, :, qr], ks, v[:, :, kr],
+                                             _bias(mask, qpos, kpos, cd, layout, ring.i), scale,
                                              kind == DIAGONAL)
             out[:, :, qr], lse[:, :, qr] = merge(out[:, :, qr], lse[:, :, qr], o, lse_b)
-            computed += unmasked_pairs(kind, qr.stop - qr.start, kr.stop - kr.start)
+            computed += unmasked_pairs(kind, o.shape[2], ks.shape[2])
         if shift is not None:
             k, v = shift.finish()
     if tag:
@@ -131,10 +145,11 @@ def ring_backward(dout, q, k, v, out, lse, mask, causal: bool, scale: float,
         shift = ring.shift("k,v") if s < ring.r - 1 else None
         if shift is not None:
             shift.start([kk, vv])
-        for kind, qr, kr, qpos, kpos in pairs(layout, ring.i, j, causal):
+        for kind, qr, kr, qpos, kpos in pairs(layout, ring.i, j, causal, q.device):
             gq, gk, gv = kernels.block_backward(
                 dout[:, :, qr], q[:, :, qr], kk[:, :, kr], vv[:, :, kr], out[:, :, qr],
-                lse[:, :, qr], _bias(mask, qpos, kpos, cd), scale, kind == DIAGONAL)
+                lse[:, :, qr], _bias(mask, qpos, kpos, cd, layout, ring.i), scale,
+                kind == DIAGONAL)
             dq[:, :, qr] += gq
             dk[:, :, kr] += gk
             dv[:, :, kr] += gv
