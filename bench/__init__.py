@@ -34,4 +34,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "quality": Benchmark("pretrained all-MiniLM-L6-v2, attention rewritten without retraining: "
                          "embedding cosine and retrieval vs dense", "quality"),
     "thc": Benchmark("THC on brain networks: runtime and memory vs number of ROIs", "thc"),
+    "parallel": Benchmark("one attention layer fwd+bwd: one process vs Ulysses / Ring / USP "
+                          "over gloo processes, dense and clustered; bytes per layer; an 8-GPU "
+                          "projection", "parallel"),
 }
