@@ -56,6 +56,13 @@ class SequenceParallelRecord:
     collectives: list[Collective] = field(default_factory=list)
     tag: str = ""
     kv_replication: int = 1
+    # causal over a ring: unmasked (query, key) pairs per head each ring rank computes
+    ring_work: list[int] = field(default_factory=list)
+
+    @property
+    def imbalance(self) -> float:
+        """Most over least causal work of the ring ranks (1.0 = balanced)."""
+        return max(self.ring_work) / min(self.ring_work) if self.ring_work else 1.0
 
     def bytes_per_step(self, phase: str | None = None) -> int:
         return sum(c.bytes for c in self.collectives if phase in (None, c.phase))
@@ -64,11 +71,17 @@ class SequenceParallelRecord:
         if not self.collectives:
             return self.mode
         rep = f", kv heads x{self.kv_replication}" if self.kv_replication > 1 else ""
+        work = ""
+        if self.ring_work:
+            work = (f", causal work per ring rank {self.ring_work} ("
+                    + ("balanced" if self.imbalance == 1.0 else
+                       f"imbalance {self.imbalance:.2f}x: use load_balance='zigzag'") + ")")
         return (f"{self.mode}{rep}: {_human(self.bytes_per_step('fwd'))}B fwd + "
-                f"{_human(self.bytes_per_step('bwd'))}B bwd per step")
+                f"{_human(self.bytes_per_step('bwd'))}B bwd per step{work}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "reason": self.reason, "kv_replication": self.kv_replication,
+                "ring_work": self.ring_work,
                 "collectives": [c.__dict__ for c in self.collectives],
                 "bytes_fwd": self.bytes_per_step("fwd"), "bytes_bwd": self.bytes_per_step("bwd")}
 
@@ -317,6 +330,8 @@ def _rewrite(rw, node: fx.Node, op: AttentionOp, q, k, v, mask):
         planned += [Collective(*c) for c in op.ring_volumes(
             node, qs[0], ks[1] * rep // u, qs[3], r, rw.seq_len)]
     record = SequenceParallelRecord(mode, "", planned, b.tag, rep)
+    if r > 1 and op.causal(node):
+        record.ring_work = [rw.layout.causal_pairs(i) for i in range(r)]
     return record, final, Shard(2)
 
 

@@ -284,3 +284,15 @@ def test_compile_key_differs_per_mesh():
     assert a != mesh_key(cfx.SequenceParallel(ulysses=2, load_balance="none"))
     assert a != mesh_key(cfx.SequenceParallel(ring=2))
 
+
+
+def test_the_report_shows_causal_balance_over_the_ring():
+    model, inputs = _gpt()
+    _, sites, _ = sp_graph(model, inputs, ring=4)
+    record = sites[0].sequence_parallel
+    assert record.ring_work == [34, 34, 34, 34] and record.imbalance == 1.0
+    assert "balanced" in record.summary()
+    _, sites, _ = sp_graph(model, inputs, ring=4, load_balance="none")
+    record = sites[0].sequence_parallel
+    assert record.ring_work == [10, 26, 42, 58]  # 16 tokens, blocks of 4: 16·i + 10
+    assert "imbalance 5.80x" in record.summary()
