@@ -211,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     print(f"attention fwd+bwd, B=1 H={args.heads} Hkv={a['kv_heads']} D={args.dim} float32 "
-          f"cpu, {'causal' if args.causal else 'non-causal'}, clustered C={args.clusters}; "
+          f"cpu, dense {'causal' if args.causal else 'non-causal'}, clustered non-causal "
+          f"(it declines causality) C={args.clusters}; "
           f"one process: {threads} threads; SP: {args.world} gloo processes x "
           f"{max(1, threads // args.world)} thread(s); {machine_load()}")
     single = {(S, m): single_process(S, m, a) for S in args.lengths for m in args.methods}
