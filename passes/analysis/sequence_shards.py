@@ -245,12 +245,21 @@ def size_query(node: fx.Node, cx: Context) -> None:
 
 def cat(node: fx.Node, cx: Context) -> Shard:
     tensors = list(_arg(node, 0, "tensors"))
+    nd = len(gshape(node))
+    dim = _norm(_arg(node, 1, "dim", 0), nd)
+    empty = [t for t in tensors if cx.shard(t) is None and is_tensor(t)
+             and gval(t).numel() == 0]  # an empty cache before the new keys
+    if empty and len(tensors) - len(empty) == 1 and isinstance(cx.shard(tensors[-1]), Shard):
+        s = cx.shard(tensors[-1])
+        if s.dim == dim:
+            for t in empty:  # its local part is empty too: the same node will do
+                cx.whole_use(node, t)
+            return s
     shards = [cx.shard(t) for t in tensors if cx.shard(t) is not None]
     if len(set(shards)) != 1 or not isinstance(shards[0], Shard):
         raise Unsupported("cat of differently sharded tensors")
     s = shards[0]
-    nd = len(gshape(node))
-    if _norm(_arg(node, 1, "dim", 0), nd) == s.dim:
+    if dim == s.dim:
         raise Unsupported("cat along the sequence dim")
     cx.align_whole(node, s, nd, tensors)
     return s

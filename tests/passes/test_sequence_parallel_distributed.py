@@ -21,13 +21,32 @@ def _model(name: str):
     from clusterfx.models import bert_tiny, example_inputs, gpt_tiny
 
     torch.manual_seed(0)
-    if name.startswith("gpt"):
+    if name in ("gpt", "gpt-gqa", "gpt-mqa"):
         kv = {"gpt": None, "gpt-gqa": 2, "gpt-mqa": 1}[name]
         model = gpt_tiny(dropout=0.0, depth=2, heads=4, kv_heads=kv)
         return model.double(), example_inputs("gpt", model=model, seq_len=16)
     if name == "bert":
         model = bert_tiny(dropout=0.0, depth=2)
         return model.double(), example_inputs("bert", model=model, seq_len=16)
+    if name == "gpt2":
+        import transformers
+
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      attn_implementation="sdpa", bos_token_id=0,
+                                      eos_token_id=0)
+        gpt2 = transformers.GPT2Model(cfg).double()
+
+        class GPT2(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = gpt2
+
+            def forward(self, ids):
+                return self.model(input_ids=ids).last_hidden_state
+
+        ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        return GPT2(), (ids,)
     if name == "llama":
         import transformers
 
@@ -79,6 +98,12 @@ def model_cases(rank, world, cases):
         spec = cfx.SequenceParallel(ulysses=case["u"], ring=case["r"],
                                     load_balance=case.get("lb", "zigzag"),
                                     data_parallel=world // (case["u"] * case["r"]))
+        if case.get("device_mesh"):  # the user's own DeviceMesh, options from the spec
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (case["u"], case["r"]),
+                                    mesh_dim_names=("ulysses", "ring"))
+            spec = mesh if case["device_mesh"] == "alone" else (mesh, spec)
         compiled = cfx.compile(model, policy=policy, backend=case["backend"], mesh=spec)
         params = list(model.parameters())
         out, grads = _run(compiled, inputs, params)
@@ -115,19 +140,23 @@ TWO = [dict(model="gpt-gqa", u=2, r=1, backend="eager"),
        dict(model="gpt-mqa", u=2, r=1, backend="inductor"),
        dict(model="bert", u=1, r=2, backend="eager", policy="clustered"),
        dict(model="bert", u=1, r=2, backend="eager", policy="clustered-exact"),
-       dict(model="gpt", u=2, r=1, backend="eager", policy="topk")]
+       dict(model="gpt", u=2, r=1, backend="eager", policy="topk"),
+       dict(model="gpt2", u=1, r=2, backend="eager")]
 FOUR = [dict(model="gpt", u=2, r=2, backend="eager"),
         dict(model="gpt-gqa", u=1, r=4, backend="eager", lb="none"),
         dict(model="bert", u=4, r=1, backend="eager"),
         dict(model="bert", u=2, r=2, backend="eager"),
         dict(model="llama", u=2, r=2, backend="eager"),
         dict(model="bert", u=2, r=2, backend="eager", policy="clustered"),
-        dict(model="gpt", u=2, r=1, backend="eager")]  # 2 data-parallel replicas of (2, 1)
+        dict(model="gpt", u=2, r=1, backend="eager"),  # 2 data-parallel replicas of (2, 1)
+        dict(model="gpt", u=2, r=2, backend="eager", device_mesh="alone"),
+        dict(model="bert", u=2, r=2, backend="eager", device_mesh="with spec", lb="none")]
 
 
 def _ids(cases):
     return [f"{c['model']}-u{c['u']}r{c['r']}-{c['backend']}-{c.get('lb', 'zigzag')}"
-            f"-{c.get('policy') or 'dense'}" for c in cases]
+            f"-{c.get('policy') or 'dense'}{'-mesh' if c.get('device_mesh') else ''}"
+            for c in cases]
 
 
 @pytest.fixture(scope="module")
