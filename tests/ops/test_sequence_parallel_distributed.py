@@ -247,3 +247,46 @@ def test_clustered_over_the_mesh_equals_one_process(world, cases):
             assert max(res["errors"]) <= 1e-10, (case, res)
             assert res["metric"] <= 1e-10, (case, res)
             assert res["same_assignments"], case
+
+
+def causality_cases(rank, world, t, seq_len):
+    """Perturb q, k, v at position t: no output before t may move, on any rank, for every
+    (u, r) of `world` ranks with zigzag and contiguous blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from clusterfx.ops import sequence_parallel as sp
+
+    results = []
+    for u, r in ((1, world), (2, world // 2), (world, 1)):
+        for zigzag in (True, False):
+            mesh = init_device_mesh("cpu", (r, u), mesh_dim_names=("ring", "ulysses"))
+            groups = sp.Groups(u, r, mesh.get_group("ulysses").group_name if u > 1 else "",
+                               mesh.get_group("ring").group_name if r > 1 else "", 60.0)
+            layout = sp.SeqLayout(seq_len, u, r, zigzag)
+            gen = torch.Generator().manual_seed(3)
+            q, k, v = (torch.randn(B, 4, seq_len, D, generator=gen) for _ in range(3))
+            pos = sp.local_positions(layout, groups)
+            outs = []
+            for bump in (0.0, 5.0):
+                qq, kk, vv = (x.clone() for x in (q, k, v))
+                for x in (qq, kk, vv):
+                    x[:, :, t] += bump
+                outs.append(sp.usp_attention(qq[:, :, pos], kk[:, :, pos], vv[:, :, pos],
+                                             layout, groups, causal=True))
+            before = pos < t
+            results.append({"u": u, "r": r, "zigzag": zigzag,
+                            "unchanged_before": bool(torch.equal(outs[0][:, :, before],
+                                                                 outs[1][:, :, before])),
+                            "changed_after": bool((pos >= t).any()) and not torch.equal(
+                                outs[0][:, :, ~before], outs[1][:, :, ~before])})
+    return results
+
+
+def test_causal_usp_attention_never_sees_the_future():
+    results = launch(f"{__name__}:causality_cases", 4, {"t": 9, "seq_len": 32})
+    for rank in results:
+        for res in rank:
+            assert res["unchanged_before"], res
+    # position 9 and later live on some rank of each layout, and move there
+    assert all(any(rank[i]["changed_after"] for rank in results)
+               for i in range(len(results[0])))
