@@ -84,6 +84,10 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     `backend`: "inductor" (default), "aot_eager", "eager", or any registered dynamo backend.
     `strict=True`: a policy key that matches no site, or a config that cannot apply, raises.
     `dump_dir`: write each graph's code before/after every pass and SVG pictures of each site.
+    `mesh`: sequence parallelism over torch.distributed (see `compiler/mesh.py`): a
+    `cfx.SequenceParallel(ulysses=, ring=, ...)`, a DeviceMesh with dims "ulysses"/"ring", or
+    both as a pair; every rank then calls the model with the same whole inputs (shapes are
+    static: each new length compiles again).
     Other keyword arguments (`dynamic`, `fullgraph`, `mode`, `options`...) go to torch.compile.
     """
     if not callable(model):
