@@ -1,5 +1,5 @@
-"""`clusterfx bench parallel`: argument errors, the per-layer byte formulas, and (distributed
-tier) a tiny run on 4 gloo processes whose counted bytes equal the formulas."""
+"""`clusterfx bench parallel`: argument errors, the per-layer byte formulas, and (slow tier) a
+tiny run on 4 gloo processes whose counted bytes equal the formulas."""
 
 import json
 import re
@@ -37,6 +37,7 @@ def test_formulas_per_layer():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~1 min of process start-up on 2 cores; the ops tests count bytes too
 def test_tiny_run_counts_the_formula_bytes(tmp_path, capsys):
     out = tmp_path / "parallel.json"
     assert main(["bench", "parallel", "--lengths", "64", "--steps", "1", "--heads", "4",
