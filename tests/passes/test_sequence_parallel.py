@@ -296,3 +296,22 @@ def test_the_report_shows_causal_balance_over_the_ring():
     record = sites[0].sequence_parallel
     assert record.ring_work == [10, 26, 42, 58]  # 16 tokens, blocks of 4: 16·i + 10
     assert "imbalance 5.80x" in record.summary()
+
+
+def test_report_rows_show_the_collectives_and_serialise():
+    import json
+
+    from clusterfx.compiler.report import Report, Row
+
+    model, inputs = _gpt()
+    _, sites, result = sp_graph(model, inputs, ulysses=2, ring=2)
+    report = Report(rows=[Row(s) for s in sites], sequence_parallel={
+        "mesh": "test", "seq_len": [16], "traffic": {},
+        "outside": [(o.what, o.node, o.collective, o.why) for o in result.outside]})
+    text = str(report)
+    assert "parallel" in text.splitlines()[0] and "usp:" in text
+    assert "gradient sum: all_reduce (bwd)" in text
+    row = json.loads(json.dumps(report.to_dict()))["sites"][0]["sequence_parallel"]
+    assert row["mode"] == "usp" and row["bytes_fwd"] > 0
+    assert {c["name"] for c in row["collectives"]} == {"all_to_all", "ring k,v", "ring dk,dv"}
+    assert Row(sites[0]).measured_bytes_per_step("fwd") is None  # nothing ran: no claim
