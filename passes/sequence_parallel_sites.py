@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from clusterfx.ops import causal_clustered as _causal  # noqa: F401 - causal_conditional_...
 from clusterfx.ops import clustered as _clustered  # noqa: F401 - conditional_attention
 from clusterfx.ops import topk as _topk  # noqa: F401 - registers clusterfx::topk_attention
 from clusterfx.ops.attention import dense_attention
@@ -128,3 +129,10 @@ register_site_op(torch.ops.clusterfx.conditional_attention.default, AttentionOp(
     mask=(3, None), causal=lambda n: False, ring=conditional_ring,
     ring_check=conditional_ring_check, tuple_output=True,
     ring_volumes=conditional_ring_volumes))
+# causal_conditional_attention(q, k, v, mask, scale, method, *spec (7), topk, block,
+#                              is_causal, causal_queries, min_length, impl, site)
+register_site_op(torch.ops.clusterfx.causal_conditional_attention.default, AttentionOp(
+    mask=(3, None), causal=lambda n: bool(n.args[15]), tuple_output=True,
+    no_ring="causal clustered attention over a ring would need its key clusters of earlier "
+            "blocks (and their running sums) built across the rotating key blocks, which this "
+            "build does not have (use ulysses alone for the causal clustered family)"))

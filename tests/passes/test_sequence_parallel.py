@@ -165,6 +165,28 @@ def test_topk_composes_with_ulysses_and_declines_a_ring_with_the_reason():
     assert all(a.target is ops.sp_gather.default for a in topk.args[:3])
 
 
+def test_causal_clustered_composes_with_ulysses_and_declines_a_ring_with_the_reason():
+    """A decoder under a Clustered policy lowers to the causal op (ops/causal_clustered): it
+    runs on its H/u heads of the whole sequence after the all-to-all; over a ring it runs on
+    the gathered sequence, and the report says why (never silently unsharded)."""
+    model, inputs = _gpt()
+    policy = cfx.Clustered(clusters=3, min_length=1)
+    causal = ops.causal_conditional_attention.default
+    gm, sites, _ = sp_graph(model, inputs, ulysses=2, policy=policy)
+    assert {s.sequence_parallel.mode for s in sites} == {"ulysses"}
+    assert count_targets(gm, causal) == 2
+    assert count_targets(gm, ops.sp_all_to_all.default) == 8
+    op = next(n for n in gm.graph.nodes if n.target is causal)
+    assert all(a.target is ops.sp_all_to_all.default for a in op.args[:3])
+    assert op.args[15] is True  # still causal: the whole sequence is there, in order
+    gm, sites, result = sp_graph(model, inputs, ulysses=2, ring=2, policy=policy)
+    assert {s.sequence_parallel.mode for s in sites} == {"gathered"}
+    assert "causal clustered attention over a ring" in sites[0].sequence_parallel.reason
+    assert len(result.declines) == 2
+    op = next(n for n in gm.graph.nodes if n.target is causal)
+    assert all(a.target is ops.sp_gather.default for a in op.args[:3])
+
+
 def test_clustered_runs_locally_after_the_all_to_all():
     model, inputs = (lambda m: (m, example_inputs("bert", model=m, seq_len=32)))(
         bert_tiny(dropout=0.0, depth=1).eval())

@@ -85,7 +85,10 @@ def _policy(name):
 
     return {None: None, "clustered": cfx.Clustered(clusters=3, seed=5),
             "clustered-exact": cfx.Clustered(clusters=3, min_length=1000),
-            "topk": cfx.TopK(k=4)}[name]
+            "topk": cfx.TopK(k=4),
+            # a decoder: the causal clustered op (approximate path, and its exact path)
+            "causal-clustered": cfx.Clustered(clusters=3, min_length=1),
+            "causal-exact": cfx.Clustered(clusters=3, min_length=1000)}[name]
 
 
 def model_cases(rank, world, cases):
@@ -107,7 +110,8 @@ def model_cases(rank, world, cases):
         compiled = cfx.compile(model, policy=policy, backend=case["backend"], mesh=spec)
         params = list(model.parameters())
         out, grads = _run(compiled, inputs, params)
-        single = None if case.get("policy") == "clustered" else policy  # vs dense then
+        approximate = case.get("policy") in ("clustered", "causal-clustered")
+        single = None if approximate else policy  # vs dense then
         want, want_grads = _run(cfx.compile(model, policy=single, backend=case["backend"]),
                                 inputs, params)
         scale = max(float(g.abs().max()) for g in want_grads if g is not None)
@@ -141,6 +145,8 @@ TWO = [dict(model="gpt-gqa", u=2, r=1, backend="eager"),
        dict(model="bert", u=1, r=2, backend="eager", policy="clustered"),
        dict(model="bert", u=1, r=2, backend="eager", policy="clustered-exact"),
        dict(model="gpt", u=2, r=1, backend="eager", policy="topk"),
+       dict(model="gpt", u=2, r=1, backend="eager", policy="causal-clustered"),
+       dict(model="gpt", u=2, r=1, backend="eager", policy="causal-exact"),
        dict(model="gpt2", u=1, r=2, backend="eager")]
 FOUR = [dict(model="gpt", u=2, r=2, backend="eager"),
         dict(model="gpt-gqa", u=1, r=4, backend="eager", lb="none"),
@@ -173,10 +179,13 @@ def _check(results, index, case):
     mode = "usp" if case["u"] > 1 and case["r"] > 1 else "ulysses" if case["u"] > 1 else "ring"
     for rank in results:
         res = rank[index]
-        if case.get("policy") == "clustered":  # approximate: close to dense, not equal
+        if case.get("policy") in ("clustered", "causal-clustered"):  # close to dense, not equal
             assert 0 < res["out"] <= 0.5 and res["grads"] <= 1.0 and not res["missing"], res
             assert all(any(p.startswith("approximate") for p in site["paths"])
                        for site in res["sites"]), res["sites"]
+            if case["policy"] == "causal-clustered":
+                assert all(any("(causal)" in p for p in site["paths"])
+                           for site in res["sites"]), res["sites"]
         else:
             assert res["out"] <= 1e-10 and res["grads"] <= 1e-10 and not res["missing"], res
         assert len(res["sites"]) == 2
