@@ -138,25 +138,28 @@ def model_cases(rank, world, cases):
     return results
 
 
+# The distributed tier (scripts/test.sh, ~4 min on 2 loaded cores) runs the essential cases:
+# Ulysses (GQA), ring (causal, zigzag), clustered over a ring, USP. The rest are `slow` too:
+# `pytest -m distributed` runs them all.
 TWO = [dict(model="gpt-gqa", u=2, r=1, backend="eager"),
        dict(model="gpt", u=1, r=2, backend="eager"),
-       dict(model="bert", u=1, r=2, backend="aot_eager"),
-       dict(model="gpt-mqa", u=2, r=1, backend="inductor"),
-       dict(model="bert", u=1, r=2, backend="eager", policy="clustered"),
-       dict(model="bert", u=1, r=2, backend="eager", policy="clustered-exact"),
-       dict(model="gpt", u=2, r=1, backend="eager", policy="topk"),
-       dict(model="gpt", u=2, r=1, backend="eager", policy="causal-clustered"),
-       dict(model="gpt", u=2, r=1, backend="eager", policy="causal-exact"),
-       dict(model="gpt2", u=1, r=2, backend="eager")]
-FOUR = [dict(model="gpt", u=2, r=2, backend="eager"),
-        dict(model="gpt-gqa", u=1, r=4, backend="eager", lb="none"),
-        dict(model="bert", u=4, r=1, backend="eager"),
-        dict(model="bert", u=2, r=2, backend="eager"),
-        dict(model="llama", u=2, r=2, backend="eager"),
-        dict(model="bert", u=2, r=2, backend="eager", policy="clustered"),
-        dict(model="gpt", u=2, r=1, backend="eager"),  # 2 data-parallel replicas of (2, 1)
-        dict(model="gpt", u=2, r=2, backend="eager", device_mesh="alone"),
-        dict(model="bert", u=2, r=2, backend="eager", device_mesh="with spec", lb="none")]
+       dict(model="bert", u=1, r=2, backend="eager", policy="clustered")]
+TWO_MORE = [dict(model="bert", u=1, r=2, backend="aot_eager"),
+            dict(model="gpt-mqa", u=2, r=1, backend="inductor"),
+            dict(model="bert", u=1, r=2, backend="eager", policy="clustered-exact"),
+            dict(model="gpt", u=2, r=1, backend="eager", policy="topk"),
+            dict(model="gpt", u=2, r=1, backend="eager", policy="causal-clustered"),
+            dict(model="gpt", u=2, r=1, backend="eager", policy="causal-exact"),
+            dict(model="gpt2", u=1, r=2, backend="eager")]
+FOUR = [dict(model="gpt", u=2, r=2, backend="eager")]
+FOUR_MORE = [dict(model="gpt-gqa", u=1, r=4, backend="eager", lb="none"),
+             dict(model="bert", u=4, r=1, backend="eager"),
+             dict(model="bert", u=2, r=2, backend="eager"),
+             dict(model="llama", u=2, r=2, backend="eager"),
+             dict(model="bert", u=2, r=2, backend="eager", policy="clustered"),
+             dict(model="gpt", u=2, r=1, backend="eager"),  # 2 data-parallel replicas of (2, 1)
+             dict(model="gpt", u=2, r=2, backend="eager", device_mesh="alone"),
+             dict(model="bert", u=2, r=2, backend="eager", device_mesh="with spec", lb="none")]
 
 
 def _ids(cases):
@@ -167,12 +170,22 @@ def _ids(cases):
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return launch(f"{__name__}:model_cases", 2, {"cases": TWO}, timeout=500)
+    return launch(f"{__name__}:model_cases", 2, {"cases": TWO}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_ranks_more():
+    return launch(f"{__name__}:model_cases", 2, {"cases": TWO_MORE}, timeout=500)
 
 
 @pytest.fixture(scope="module")
 def four_ranks():
-    return launch(f"{__name__}:model_cases", 4, {"cases": FOUR}, timeout=600)
+    return launch(f"{__name__}:model_cases", 4, {"cases": FOUR}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def four_ranks_more():
+    return launch(f"{__name__}:model_cases", 4, {"cases": FOUR_MORE}, timeout=600)
 
 
 def _check(results, index, case):
@@ -204,9 +217,21 @@ def test_compiled_models_on_two_ranks(two_ranks, index):
     _check(two_ranks, index, TWO[index])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(TWO_MORE)), ids=_ids(TWO_MORE))
+def test_more_compiled_models_on_two_ranks(two_ranks_more, index):
+    _check(two_ranks_more, index, TWO_MORE[index])
+
+
 @pytest.mark.parametrize("index", range(len(FOUR)), ids=_ids(FOUR))
 def test_compiled_models_on_four_ranks(four_ranks, index):
     _check(four_ranks, index, FOUR[index])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(FOUR_MORE)), ids=_ids(FOUR_MORE))
+def test_more_compiled_models_on_four_ranks(four_ranks_more, index):
+    _check(four_ranks_more, index, FOUR_MORE[index])
 
 
 def failing_peer(rank, world, behaviour):
@@ -231,7 +256,8 @@ def failing_peer(rank, world, behaviour):
     return "no error"
 
 
-@pytest.mark.parametrize("behaviour", ["raise", "sleep"])
+@pytest.mark.parametrize("behaviour", [
+    "raise", pytest.param("sleep", marks=pytest.mark.slow)])  # sleep: the 5 s timeout
 def test_a_failed_or_absent_peer_ends_the_other_rank_with_a_clear_error(behaviour):
     import re
 
