@@ -38,4 +38,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "thc": Benchmark("THC on brain networks: runtime and memory vs number of ROIs", "thc"),
     "paca": Benchmark("patch-to-cluster attention vs dense MHA, DPC-kNN global vs local: "
                       "time, memory", "paca"),
+    "parallel": Benchmark("one attention layer fwd+bwd: one process vs Ulysses / Ring / USP "
+                          "over gloo processes, dense and clustered; bytes per layer; an 8-GPU "
+                          "projection", "parallel"),
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,17 @@ import torch.fx as fx
 
 from clusterfx.compiler.backend import LAST_STATE, ClusterfxBackend, check_backend
 from clusterfx.compiler.mesh import mesh_key
+from clusterfx.compiler.mesh import resolve as resolve_mesh
 from clusterfx.compiler.pass_manager import check_stop_after
-from clusterfx.compiler.report import Report, Row
+from clusterfx.compiler.report import (
+    Report,
+    Row,
+    sequence_parallel_summary,
+    sequence_parallel_traffic,
+)
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
 from clusterfx.config.vocabulary import PolicyError
-from clusterfx.passes.sequence_parallel import NOT_AVAILABLE
 
 
 @contextlib.contextmanager
@@ -80,6 +84,10 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     `backend`: "inductor" (default), "aot_eager", "eager", or any registered dynamo backend.
     `strict=True`: a policy key that matches no site, or a config that cannot apply, raises.
     `dump_dir`: write each graph's code before/after every pass and SVG pictures of each site.
+    `mesh`: sequence parallelism over torch.distributed (see `compiler/mesh.py`): a
+    `cfx.SequenceParallel(ulysses=, ring=, ...)`, a DeviceMesh with dims "ulysses"/"ring", or
+    both as a pair; every rank then calls the model with the same whole inputs (shapes are
+    static: each new length compiles again).
     Other keyword arguments (`dynamic`, `fullgraph`, `mode`, `options`...) go to torch.compile.
     """
     if not callable(model):
@@ -88,9 +96,11 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     check_backend(backend)
     key = mesh_key(mesh)
     if key is not None:
-        warnings.warn(f"mesh={mesh!r}: {NOT_AVAILABLE}", stacklevel=2)
+        # sequence parallelism: resolved against the process group now (errors before any
+        # work); static shapes, so that every length is sharded with literal sizes
+        torch_compile_kwargs.setdefault("dynamic", False)
     state = CompileState(resolved, backend, Path(dump_dir) if dump_dir is not None else None,
-                         mesh=mesh, mesh_key=key,
+                         mesh=mesh, mesh_key=key, resolved_mesh=resolve_mesh(mesh),
                          root=model if isinstance(model, torch.nn.Module) else None)
     compiled = torch.compile(model, backend=ClusterfxBackend(state), **torch_compile_kwargs)
     if isinstance(model, torch.nn.Module):
@@ -134,13 +144,16 @@ def _report(state: CompileState) -> Report:
     records = state.latest_records()
     # a recompiled graph replaces its earlier record; its sites keep their telemetry names,
     # so run-time path counts of all versions add up
-    rows = [Row(site, state.telemetry.paths(site.runtime_tag) if site.runtime_tag else {})
+    rows = [Row(site, state.telemetry.paths(site.runtime_tag) if site.runtime_tag else {},
+                sequence_parallel_traffic(site.sequence_parallel.tag)
+                if site.sequence_parallel is not None else {})
             for rec in records for site in rec.sites]
     paths = [r.fqn for r in rows]
     return Report(rows=rows, unmatched_keys=state.policy.unmatched_keys(paths),
                   graphs=len(records), compiles=len(state.records),
                   pass_seconds=sum(sum(r.pass_seconds.values()) for r in records),
-                  policy=state.policy.to_dict())
+                  policy=state.policy.to_dict(),
+                  sequence_parallel=sequence_parallel_summary(records, state.resolved_mesh))
 
 
 def _checked(state: CompileState) -> Report:
