@@ -1,9 +1,9 @@
 """Fused CPU top-k attention (impl="cpu"): the C++ kernels of ``csrc/topk.cpp``.
 
-Exact top-k attention needs every score but only k columns of ``P V``: blocks of 64 queries
+Exact top-k attention needs every score but only k columns of ``P V``: blocks of 128 queries
 stream the keys in blocks of 512 (a BLAS GEMM per block), each query keeps its k largest
 scores in a streaming selection, then attends to those k keys. Nothing of size Nq×Nk is ever
-stored: memory is O(64·512) per thread plus the O(N·k) output (and indices for the backward).
+stored: memory is O(128·512) per thread plus the O(N·k) output (and indices for the backward).
 ``chunk_size`` does not apply (results never depended on it).
 
 Backward (``topk_attention_backward``): the selection is re-run by the same kernel (so it picks

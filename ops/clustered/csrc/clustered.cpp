@@ -124,7 +124,11 @@ void centroid_attention(const Row<T>& row, T scale, std::vector<T>& m, std::vect
     block_scores(row, scale, s, n, S.data(), bk);
     for (i64 c = 0; c < L; ++c) {
       T* p = S.data() + c * bk;
-      if (tops) (*tops)[c].scan(p, n, s);
+      if (tops) {
+        if (s == 0) (*tops)[c].seed(p, n);
+        (*tops)[c].scan(p, n, s);
+        (*tops)[c].settle();
+      }
       const T mnew = std::max(m[c], cfx::row_max(p, n));
       if (mnew == neg_inf<T>()) {  // no valid key yet in this row
         std::fill(p, p + n, T(0));
@@ -197,10 +201,10 @@ void improved_row(const AttnArgs& a, i64 r) {
     std::copy(O.data() + c * Dv, O.data() + (c + 1) * Dv, bottom.begin());
     T mass = 0;
     for (i64 t = 0; t < kk; ++t) {
-      const i64 j = top.buf[t].idx;
+      const i64 j = top.idx[t];
       idx_out[cid * kk + t] = j;
       keep[t] = row.mask ? row.mask[j] : 1;
-      const T w = keep[t] ? cfx::exp_approx(top.buf[t].val - m[c]) / l[c] : T(0);
+      const T w = keep[t] ? cfx::exp_approx(top.val[t] - m[c]) / l[c] : T(0);
       mass += w;
       for (i64 d = 0; d < D; ++d) kt[t * D + d] = row.k[j * D + d];
       for (i64 d = 0; d < Dv; ++d) {

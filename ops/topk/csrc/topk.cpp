@@ -1,11 +1,11 @@
 // Fused exact top-k attention (impl="cpu" of clusterfx.ops.topk; Python side: fused.py).
 //
 // Exact top-k needs every score q_i . k_j but only k columns of P V. Work items are blocks of
-// 64 queries of one (batch, head) row, handed out one at a time on one OpenMP parallel
-// region. An item streams the keys in blocks of 512: a BLAS GEMM gives the 64 x 512 scores,
+// 128 queries of one (batch, head) row, handed out one at a time on one OpenMP parallel
+// region. An item streams the keys in blocks of 512: a BLAS GEMM gives the 128 x 512 scores,
 // the additive mask (any broadcast, by strides) and causality are applied, and each query's
 // streaming top-k (cfx_topk.h) keeps its k largest. Then, per query, a softmax over the k kept
-// scores and a k-row weighted sum of V. Memory: O(64 x 512) scores per thread and O(N k) out.
+// scores and a k-row weighted sum of V. Memory: O(128 x 512) scores per thread and O(N k) out.
 // Causal items stop at the last key their queries can see.
 //
 // Backward (given the selection `idx` of a forward run): per query, the k scores are
@@ -37,7 +37,7 @@ struct TopkArgs {
   void* dv;              // (B, H, Nk, Dv)
 };
 
-constexpr i64 kQueries = 64, kKeys = 512;
+constexpr i64 kQueries = 128, kKeys = 512;
 
 template <typename T>
 struct RowPtrs {
@@ -79,9 +79,13 @@ void forward_item(const TopkArgs& a, i64 item) {
   RowPtrs<T> row(a, r);
   const T scale = T(a.scale);
   const i64 key_end = a.causal ? std::min(a.Nk, q0 + nq) : a.Nk;  // keys any query here sees
-  std::vector<T> S(kQueries * kKeys), w(kk);
-  std::vector<cfx::TopK<T>> tops(nq);
-  for (auto& t : tops) t.init(kk);
+  // per-thread scratch, kept across items (a TopK's buffers are reused by init)
+  thread_local std::vector<T> S;
+  thread_local std::vector<cfx::TopK<T>> tops;
+  S.resize(kQueries * kKeys);
+  if (static_cast<i64>(tops.size()) < nq) tops.resize(nq);
+  for (i64 i = 0; i < nq; ++i) tops[i].init(kk);
+  std::vector<T> w(kk);
   for (i64 s = 0; s < key_end; s += kKeys) {
     const i64 n = std::min(kKeys, key_end - s);
     cfx::gemm(false, true, nq, n, D, scale, row.q + q0 * D, D, row.k + s * D, D, T(0),
@@ -99,7 +103,9 @@ void forward_item(const TopkArgs& a, i64 item) {
       }
       i64 len = n;
       if (a.causal) len = std::max<i64>(0, std::min(n, q0 + i + 1 - s));  // key j <= query i
+      if (s == 0) tops[i].seed(p, len);
       tops[i].scan(p, len, s);
+      tops[i].settle();
     }
   }
   std::vector<uint8_t> taken;
@@ -108,15 +114,15 @@ void forward_item(const TopkArgs& a, i64 item) {
     cfx::TopK<T>& top = tops[i];
     top.finish(a.Nk, taken);
     if (a.idx)
-      for (i64 t = 0; t < kk; ++t) a.idx[(r * a.Nq + q0 + i) * kk + t] = top.buf[t].idx;
+      for (i64 t = 0; t < kk; ++t) a.idx[(r * a.Nq + q0 + i) * kk + t] = top.idx[t];
     if (!out) continue;
-    for (i64 t = 0; t < kk; ++t) w[t] = top.buf[t].val;
+    for (i64 t = 0; t < kk; ++t) w[t] = top.val[t];
     softmax_selected(w.data(), kk);
     T* o = out + i * Dv;
     std::fill(o, o + Dv, T(0));
     for (i64 t = 0; t < kk; ++t) {
       if (w[t] == T(0)) continue;
-      const T* vr = row.v + top.buf[t].idx * Dv;
+      const T* vr = row.v + top.idx[t] * Dv;
 #pragma omp simd
       for (i64 d = 0; d < Dv; ++d) o[d] += w[t] * vr[d];
     }
