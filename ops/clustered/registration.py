@@ -73,8 +73,8 @@ def attention_grads(impl: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
     Works inside autograd formulas and inside op kernels (``torch.func.vjp``)."""
     if topk is None and resolve(impl, q.device) == "cpu":
-        grads = fused.clustered_attention_backward(grad_out, q, k, v, assignments, clusters,
-                                                   mask, scale)
+        grads = torch.ops.clusterfx.clustered_attention_backward(
+            grad_out, q, k, v, assignments, mask, clusters, scale)
         return [g if n else None for g, n in zip(grads, needs, strict=True)]
     mod = differentiable(impl)
     if topk is None:
@@ -214,6 +214,26 @@ def _(q, k, v, key_padding_mask, scale, clusters, iterations, bits, seed, cluste
 
 
 # --------------------------------------------------------------------------- autograd
+
+
+@torch.library.custom_op("clusterfx::clustered_attention_backward", mutates_args=())
+def clustered_attention_backward_op(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, assignments: Tensor,
+    key_padding_mask: Tensor | None, clusters: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of clustered attention, assignments held fixed: the fused kernel, as one
+    opaque node (so compiled training does not trace into it)."""
+    dq, dk, dv = fused.clustered_attention_backward(grad, q, k, v, assignments, clusters,
+                                                    key_padding_mask, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@clustered_attention_backward_op.register_fake
+def _(grad, q, k, v, assignments, key_padding_mask, clusters, scale):
+    fmt = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt))
+
 
 
 def _save(ctx, q, k, v, assignments, mask, clusters, scale, impl, idx=None) -> None:
