@@ -75,12 +75,17 @@ def test_approximation_is_real_and_padding_is_ignored():
     assert torch.allclose(a[1][:, keep[1]], b[1][:, keep[1]], rtol=0, atol=1e-12)
 
 
-def test_causal_is_declined_with_reason():
+def test_causal_sites_go_to_the_causal_variant():
+    """Queries are never pooled on a causal site: it runs the causal variant (its own tests:
+    tests/passes/test_lowering_causal.py), not the clustered op."""
     model = gpt_tiny(dropout=0.0).eval()
     ids = example_inputs("gpt", model=model, seq_len=16)[0]
-    report = cfx.explain(cfx.compile(model, policy=cfx.ImprovedClustered(clusters=4),
-                                     backend="eager"), ids)
-    assert all(r.status == "declined" and "causal" in r.reason for r in report)
+    compiled = cfx.compile(model, policy=cfx.ImprovedClustered(clusters=4), backend="eager")
+    report = cfx.explain(compiled, ids)
+    assert all(r.status == "rewritten" and r.reason.startswith("causal:") and
+               r.site.config.name == "causal_improved_clustered" for r in report)
+    gm = cfx.transform(model, (ids,), policy=cfx.ImprovedClustered(clusters=4))
+    assert count_targets(gm, COND) == 0
 
 
 def test_mask_that_is_not_key_padding_runs_exact():
@@ -95,7 +100,9 @@ def test_mask_that_is_not_key_padding_runs_exact():
     qkv = tuple(torch.randn(B, H, 20, D, dtype=DT, generator=g) for _ in range(3))
     report = compile_and_compare(Banded(), qkv, policy=cfx.Clustered(clusters=2), rtol=1e-12)
     assert report[0].status == "rewritten"
-    assert report[0].paths == {"exact: mask is not key padding": 1}
+    # a mask that varies over queries may be a decoder's causal + padding mask, so the site
+    # runs the op that can tell (ops/causal_clustered); this one is neither: exact
+    assert report[0].paths == {"exact: mask is neither causal nor key padding": 1}
 
 
 def test_min_length_switches_per_call_without_recompiling_each_length():
