@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -65,6 +66,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clusterfx.apps.common import busy_neighbours
 from clusterfx.config.configs import ImprovedClustered
 from clusterfx.ops.common.telemetry import counters
 
@@ -411,20 +413,41 @@ def growth(rows: list[dict]) -> list[dict]:
     return out
 
 
-def evaluate_targets(rows: list[dict], grown: list[dict]) -> list[dict]:
-    """The CPU targets whose numbers were measured: value, bound, met."""
+def run_conditions(cfg: dict) -> set[str]:
+    """Which CPU_TARGETS conditions this run satisfies (module constant CPU_TARGETS)."""
+    loaded = cfg.get("load_processes", 0) >= 1
+    conds = {"any", "loaded" if loaded else "quiet"}
+    if not loaded:
+        conds.add(f"d{cfg['dim']}")
+    return conds
+
+
+def evaluate_targets(rows: list[dict], grown: list[dict],
+                     conditions: set[str] | frozenset[str] = frozenset({"any", "quiet", "d64"})
+                     ) -> list[dict]:
+    """The CPU targets whose numbers were measured and whose condition this run meets:
+    value, bound, met. "doubling" is (t(N_max)/t(N))^(1/log2(N_max/N)), the time factor per
+    doubling of N from N up to the largest size measured."""
     out = []
-    for label, method, pss, quantity, n, at_least, bound in CPU_TARGETS:
-        if quantity == "speedup":
-            hit = [r["speedup_vs_dense"] for r in rows
-                   if (r["method"], r["pass"], r["n"]) == (method, pss, n)]
-        else:
-            key = "time_ratio" if quantity == "time_growth" else "memory_ratio"
-            hit = [g[key] for g in grown if (g["method"], g["pass"], g["to_n"]) == (method, pss, n)
-                   and g["from_n"] == n // 2]
-        if hit and hit[0] is not None:
-            met = hit[0] >= bound if at_least else hit[0] <= bound
-            out.append({"target": label, "value": hit[0], "bound": bound, "met": met})
+    at = {(r["method"], r["pass"], r["n"]): r for r in rows}
+    largest = max((r["n"] for r in rows), default=0)
+    for label, method, pss, quantity, n, at_least, bound, condition in CPU_TARGETS:
+        if condition not in conditions:
+            continue
+        value = None
+        if quantity == "speedup" and (method, pss, n) in at:
+            value = at[method, pss, n]["speedup_vs_dense"]
+        elif quantity == "doubling" and largest > n and (method, pss, n) in at:
+            ratio = at[method, pss, largest]["median_s"] / at[method, pss, n]["median_s"]
+            value = ratio ** (1.0 / math.log2(largest / n))
+        elif quantity == "memory_growth":
+            hit = [g["memory_ratio"] for g in grown if (g["method"], g["pass"], g["to_n"])
+                   == (method, pss, n) and g["from_n"] == n // 2]
+            value = hit[0] if hit else None
+        if value is not None:
+            met = value >= bound if at_least else value <= bound
+            label = label if quantity != "doubling" else f"{label} (to {largest})"
+            out.append({"target": label, "value": value, "bound": bound, "met": met})
     return out
 
 
@@ -437,7 +460,8 @@ def header(cfg: dict) -> str:
             f"metric={cfg['clustering']['metric']} iterations={cfg['clustering']['iterations']} "
             f"refine={cfg['clustering']['refine']} impl=auto "
             f"seed={cfg['seed']}; median of {cfg['repeats']} after a warm-up (fewer where "
-            f"noted); torch {cfg['torch']} ({cfg['cpu_capability']})")
+            f"noted); busy neighbour processes (--load): {cfg['load_processes']}; "
+            f"torch {cfg['torch']} ({cfg['cpu_capability']}); {os.cpu_count()} CPUs")
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -445,20 +469,24 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict], cfg: dict) -> str:
-    """One row per (N, method): times, speed-ups (t_dense/t), peak MiB, dense/method memory."""
+    """One row per (N, method): the implementation that ran, then per pass: time, speed-up
+    (t_dense/t), essential GFLOP/s and that rate over SDPA's, peak MiB, dense/method memory."""
     at = {(r["method"], r["n"], r["pass"]): r for r in rows}
-    cols = ["N", "method"]
+    cols = ["N", "method", "impl"]
     for p in cfg["passes"]:
-        cols += [f"{p} ms", f"{p} speed-up", f"{p} peak MiB", f"{p} mem dense/x"]
+        cols += [f"{p} ms", f"{p} speed-up", f"{p} GFLOP/s", f"{p} rate/SDPA",
+                 f"{p} peak MiB", f"{p} mem dense/x"]
     lines = ["| " + " | ".join(cols + ["repeats"]) + " |",
              "|" + "---|" * (len(cols) + 1)]
+    ran = cfg.get("ran", {})
     for n in cfg["sizes"]:
         for m in cfg["methods"]:
-            cells = [str(n), m]
+            cells = [str(n), m, ran.get(m, "-")]
             for p in cfg["passes"]:
                 r = at[m, n, p]
                 peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
                 cells += [f"{r['median_s'] * 1e3:,.1f}", f"{r['speedup_vs_dense']:.2f}x",
+                          f"{r['gflop_per_s']:,.1f}", f"{r['rate_vs_dense']:.2f}",
                           _cell(peak, ",.1f"), _cell(r["memory_saving_vs_dense"], ".2f")]
             reps = "/".join(str(at[m, n, p]["repeats"]) for p in cfg["passes"])
             lines.append("| " + " | ".join(cells + [reps]) + " |")
@@ -497,10 +525,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr,
                            flush=True)
-    rows = measure(cfg, log)
-    cfg["loadavg"]["end"] = _loadavg()
+    with busy_neighbours(cfg["load_processes"]):
+        if cfg["load_processes"]:
+            log(f"started {cfg['load_processes']} busy-looping neighbour process(es)")
+        rows = measure(cfg, log)
+        cfg["loadavg"]["end"] = _loadavg()
     grown = growth(rows)
-    targets = evaluate_targets(rows, grown) if cfg["device"] == "cpu" else []
+    targets = (evaluate_targets(rows, grown, run_conditions(cfg)) if cfg["device"] == "cpu"
+               else [])
     table = markdown_table(rows, cfg)
     notes = summary_lines(rows, grown, targets, cfg)
     print(header(cfg), table, *notes, sep="\n")
