@@ -378,27 +378,36 @@ def test_explicit_triton_on_cpu_raises(monkeypatch):
 # -------------------------------------------------------------- registration
 
 
+_LIGHT = ("test_schema", "test_faketensor")  # variants of an op already checked in full
+
+
 def test_opcheck_every_op():
+    """Every op in full (schema, autograd registration, fake tensor, AOT dispatch); further
+    argument variants of the same op only through the cheap checks (the AOT one compiles)."""
     q, k, v, mask = make_inputs(dtype=torch.float32, pad=True)
     a = random_assignments(q, 3)
     args = [t.requires_grad_(True) for t in (q, k, v)]
     cases = [
-        (OPS.clustered_attention_from_assignments.default, (*args, a, mask, 3, 0.4, "cpu")),
+        (OPS.clustered_attention_from_assignments.default, (*args, a, mask, 3, 0.4, "cpu"),
+         None),
         (OPS.improved_clustered_attention_from_assignments.default,
-         (*args, a, mask, 3, 2, 0.4, "reference")),
+         (*args, a, mask, 3, 2, 0.4, "cpu"), None),
+        (OPS.improved_clustered_attention_from_assignments.default,
+         (*args, a, mask, 3, 2, 0.4, "reference"), _LIGHT),
         (OPS.clustered_attention.default,
-         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 1, "attention", "cpu")),
+         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 1, "attention", "cpu"), None),
         (OPS.clustered_attention.default,
-         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 0, "euclidean", "cpu")),
+         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 0, "euclidean", "cpu"), _LIGHT),
         (OPS.improved_clustered_attention.default,
-         (*args, None, 0.4, 3, 3, 63, 1, "kmeans", 2, "attention", 2, "cpu")),
-        (OPS.improved_clustered_attention_from_assignments.default,
-         (*args, a, mask, 3, 2, 0.4, "cpu")),
+         (*args, None, 0.4, 3, 3, 63, 1, "kmeans", 2, "attention", 2, "cpu"), None),
         (OPS.clustered_attention_backward.default,
-         (torch.randn(2, 4, 12, 5), *[t.detach() for t in args], a, mask, 3, 0.4)),
+         (torch.randn(2, 4, 12, 5), *[t.detach() for t in args], a, mask, 3, 0.4), None),
     ]
-    for op, op_args in cases:
-        torch.library.opcheck(op, op_args)
+    for op, op_args, utils in cases:
+        if utils is None:
+            torch.library.opcheck(op, op_args)
+        else:
+            torch.library.opcheck(op, op_args, test_utils=utils)
 
 
 def test_compiles_as_one_opaque_node():
