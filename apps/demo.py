@@ -16,6 +16,7 @@ from clusterfx.apps.common import (
     DEMO_HEADS,
     Progress,
     build_reference,
+    busy_neighbours,
     compile_and_run,
     describe_inputs,
     machine_load,
@@ -54,6 +55,9 @@ def timing_line(timing: dict[str, Any], names: list[str]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    load = getattr(args, "load", 0)
+    if load < 0:
+        raise ValueError(f"--load ({load}) must be >= 0")
     progress = Progress()
     out = Path(args.out)
     with progress.step(f"building {args.model} ({args.layers} layers, seq-len {args.seq_len})"):
@@ -72,14 +76,19 @@ def run_demo(args: argparse.Namespace) -> int:
     print(report)
     with progress.step(f"compiling an all-exact baseline (backend={args.backend})"):
         exact, _ = compile_and_run(model, inputs, None, args.backend)
-    with progress.step("timing eager vs compiled-exact vs compiled-with-policy forward"):
+    with busy_neighbours(load), progress.step(
+            "timing eager vs compiled-exact vs compiled-with-policy forward"
+            + (f" beside {load} busy-looping process(es)" if load else "")):
         timing = time_side_by_side({"eager": model, "compiled_exact": exact,
                                     "compiled": compiled}, inputs, warmup=1, runs=5)
-    print(timing_line(timing, ["eager", "compiled_exact", "compiled"])
-          + f"; {describe_inputs(inputs)}; {machine_load()}")
+        timing["busy_neighbours"] = load
+        print(timing_line(timing, ["eager", "compiled_exact", "compiled"])
+              + f"; {describe_inputs(inputs)}; {machine_load()}; busy neighbour processes "
+              f"(--load): {load}")
     print(f"attention rewrites speed-up (compiled exact / compiled with policy): "
           f"{timing['compiled_exact_s'] / timing['compiled_s']:.2f}x")
-    with progress.step("timing every layer's attention on its own (exact vs policy)"):
+    with busy_neighbours(load), progress.step(
+            "timing every layer's attention on its own (exact vs policy)"):
         layers = time_layers(report)
     print("per-layer attention, each site's op alone on its shapes (no mask), median of 3:")
     print(layer_table(layers))

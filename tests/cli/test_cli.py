@@ -70,6 +70,7 @@ def test_check_exits_1_when_the_error_exceeds_rtol(capsys, monkeypatch):
     ([], "COMMAND"),
     (["demo", "--model", "resnet"], "resnet"),
     (["demo", "--layers", "0", "--backend", "eager"], "--layers (0)"),
+    (["demo", "--load", "-1", "--backend", "eager"], "--load (-1) must be >= 0"),
     (["explain", "gpt_tiny"], "gpt_tiny"),
     (["explain", "no_such_module_xyz:make"], "no_such_module_xyz"),
     (["explain", "clusterfx.models:no_such_factory"], "no_such_factory"),
