@@ -15,12 +15,12 @@ import argparse
 import sys
 import time
 
-from clusterfx.ops.clustered import fused as clustered_fused
-from clusterfx.ops.clustering import fused as clustering_fused
+from clusterfx.ops.clustered import NATIVE_LIBRARY as CLUSTERED
+from clusterfx.ops.clustering import NATIVE_LIBRARY as CLUSTERING
 from clusterfx.ops.common.native import Library, NativeUnavailable, build_dir
-from clusterfx.ops.topk import fused as topk_fused
+from clusterfx.ops.topk import NATIVE_LIBRARY as TOPK
 
-LIBRARIES: tuple[Library, ...] = (clustering_fused.LIB, clustered_fused.LIB, topk_fused.LIB)
+LIBRARIES: tuple[Library, ...] = (CLUSTERING, CLUSTERED, TOPK)
 
 
 def build_all(quiet: bool = False) -> list[str]:

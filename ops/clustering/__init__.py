@@ -53,9 +53,11 @@ from clusterfx.ops.common.checks import (
 from clusterfx.ops.common.dispatch import resolve_impl as _resolve
 from clusterfx.ops.common.telemetry import counters
 
-__all__ = ["METRIC_KEYS", "ClusteringSpec", "attention_metric", "cluster_queries", "cluster_with",
-           "counters", "euclidean_kmeans", "hamming_kmeans", "lloyd_refine", "lsh_hash",
-           "make_planes", "metric_root", "popcount"]
+NATIVE_LIBRARY = fused.LIB  # the fused kernels (ops/build.py builds them)
+
+__all__ = ["METRIC_KEYS", "NATIVE_LIBRARY", "ClusteringSpec", "attention_metric",
+           "cluster_queries", "cluster_with", "counters", "euclidean_kmeans", "hamming_kmeans",
+           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount"]
 
 METRIC_KEYS = 4096  # keys per row that attention_metric's covariance reads, at most
 IMPLS = NATIVE_IMPLS

@@ -43,9 +43,10 @@ import torch
 from clusterfx.ops.common.telemetry import counters
 from clusterfx.ops.topk import registration  # noqa: F401 - registers the ops
 from clusterfx.ops.topk.checks import validate
+from clusterfx.ops.topk.fused import LIB as NATIVE_LIBRARY  # the fused kernels
 from clusterfx.ops.topk.reference import topk_attention_reference
 
-__all__ = ["topk_attention", "topk_attention_reference", "counters"]
+__all__ = ["NATIVE_LIBRARY", "topk_attention", "topk_attention_reference", "counters"]
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int,
