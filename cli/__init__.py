@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=4096)
     demo.add_argument("--out", default="clusterfx-out", help="folder for reports and dumps")
     demo.add_argument("--backend", choices=BACKENDS, default="inductor")
+    demo.add_argument("--load", type=int, default=0, metavar="N",
+                      help="run N busy-looping processes beside the timings (stopped after)")
     demo.set_defaults(func=run_demo)
 
     exp = sub.add_parser("explain", help="print the attention sites found and what was done")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.common.checks import (
+    NATIVE_IMPLS,
     check_float,
-    check_impl,
     check_positive_int,
     check_same,
     check_scale,
     check_valid,
+)
+from clusterfx.ops.common.checks import (
+    check_impl as _check_impl,
 )
 
 
@@ -36,6 +39,11 @@ def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
     if key_padding_mask is not None and key_padding_mask.device != q.device:
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
     check_scale(scale)
+
+
+def check_impl(impl) -> None:
+    """One of ``NATIVE_IMPLS``: "auto", "reference", "cpu" (fused C++), "torch", "triton"."""
+    _check_impl(impl, NATIVE_IMPLS)
 
 
 def check_topk(topk) -> None:
