@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compile a reference model with a per-layer policy")
     demo.add_argument("--model", choices=sorted(MODEL_FACTORIES), default="bert")
     demo.add_argument("--layers", type=int, default=8)
-    demo.add_argument("--seq-len", type=int, default=4096)
+    demo.add_argument("--seq-len", type=int, default=8192)
     demo.add_argument("--out", default="clusterfx-out", help="folder for reports and dumps")
     demo.add_argument("--backend", choices=BACKENDS, default="inductor")
     demo.add_argument("--load", type=int, default=0, metavar="N",
