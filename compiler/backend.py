@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from clusterfx.compiler.capture import count_runs
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
 from clusterfx.passes.base import PassContext
@@ -60,8 +61,8 @@ class ClusterfxBackend:
                                         self.state.dump_dir)
         with self.state.lock:
             self.state.records.append(record)
-        return _downstream(self.state.backend, gm, example_inputs, mode, options,
-                           self.state.cache_key())
+        return count_runs(_downstream(self.state.backend, gm, example_inputs, mode, options,
+                                      self.state.cache_key()), self.state)
 
 
 class CacheStamp(CustomGraphPass):

@@ -106,6 +106,9 @@ class Report:
     compiles: int = 0
     pass_seconds: float = 0.0
     policy: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0  # calls of the compiled model (0 for transform / the named backend)
+    # why (part of) a call ran uncompiled, dense and unreported -> number of calls
+    capture_problems: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -133,6 +136,8 @@ class Report:
                 f"{self.compiles} compile(s); passes took {self.pass_seconds * 1e3:.1f} ms")
         if self.unmatched_keys:
             text += f"\npolicy keys that matched no site: {', '.join(self.unmatched_keys)}"
+        for cause, n in self.capture_problems.items():
+            text += f"\nNOT CAPTURED in {n} of {self.calls} call(s): {cause}"
         return text
 
     def to_markdown(self) -> str:
@@ -145,4 +150,5 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [r.to_dict() for r in self.rows], "unmatched_keys": self.unmatched_keys,
                 "graphs": self.graphs, "compiles": self.compiles,
-                "pass_seconds": self.pass_seconds, "policy": self.policy}
+                "pass_seconds": self.pass_seconds, "policy": self.policy, "calls": self.calls,
+                "capture_problems": self.capture_problems}

@@ -23,6 +23,12 @@ class CompileState:
     mesh: Any = None
     mesh_key: str | None = None
     records: list[GraphRecord] = field(default_factory=list)
+    # call-time capture watch (compiler/capture.py): calls of the compiled model, runs of the
+    # graphs clusterfx compiled, and why a call (or part of one) ran uncompiled
+    calls: int = 0
+    graph_runs: int = 0
+    capture_problems: dict[str, int] = field(default_factory=dict)
+    dynamo_limit: str = ""  # dynamo's last "hit config.*_limit" warning in a call of this model
     telemetry: SiteCounts = field(default_factory=new_sink, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     manager: PassManager = field(init=False, repr=False)
