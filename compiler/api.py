@@ -133,7 +133,9 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     key = mesh_key(mesh)
     if key is not None:
         warnings.warn(f"mesh={mesh!r}: {NOT_AVAILABLE}", stacklevel=2)
-    state = CompileState(resolved, backend, dump, mesh=mesh, mesh_key=key)
+    state = CompileState(resolved, backend, dump, mesh=mesh, mesh_key=key,
+                         module_paths=_module_paths(model),
+                         causal_modules=_causal_modules(model))
     for name in ("isolate_recompiles", "backend"):
         if name in torch_compile_kwargs:
             raise TypeError(f"compile() sets torch.compile's {name!r} itself; got "
@@ -143,6 +145,26 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     if isinstance(model, torch.nn.Module):
         return CompiledModule(model, compiled, state)
     return CompiledFunction(model, compiled, state)
+
+
+def _module_paths(model: Any) -> dict[int, str]:
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def _causal_modules(model: Any) -> dict[str, str]:
+    """Module paths whose module declares a causal query stream: `is_causal=True` or
+    `is_decoder=True` set on it (Hugging Face attention modules, cross-attention included)."""
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    out = {}
+    for name, mod in model.named_modules():
+        for attr in ("is_causal", "is_decoder"):
+            if getattr(mod, attr, None) is True:
+                out[name] = f"{name or '<root>'} ({type(mod).__name__}) declares {attr}=True"
+                break
+    return out
 
 
 def _check_dump_dir(dump_dir: Any) -> Path | None:
@@ -176,7 +198,9 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
         example_inputs,)
     resolved = Policy.make(policy, strict=strict)
     check_stop_after(stop_after)
-    state = CompileState(resolved, "eager", stop_after=stop_after)
+    state = CompileState(resolved, "eager", stop_after=stop_after,
+                         module_paths=_module_paths(model),
+                         causal_modules=_causal_modules(model))
     captured: list[fx.GraphModule] = []
 
     class _Keep(ClusterfxBackend):

@@ -7,6 +7,7 @@ from typing import Any
 
 import sympy
 
+from clusterfx.config.vocabulary import Status
 from clusterfx.passes.site import Site
 
 _COLUMNS = ("fqn", "spelling", "shapes", "mask", "causal", "rewrite", "status", "flops",
@@ -44,12 +45,30 @@ class Row:
         return self.site.rewrite
 
     @property
-    def status(self) -> str:
-        return self.site.status
+    def exact_only(self) -> str:
+        """Why a rewritten site's approximate path never ran on the inputs seen ("" if it
+        did, or may): every call took the exact path for its mask, or (before any call) the
+        mask at the observed inputs is not key padding."""
+        if self.site.status is not Status.REWRITTEN:
+            return ""
+        if self.paths:
+            if all(p.startswith("exact: mask") for p in self.paths):
+                return "the approximate path never ran on the inputs seen: " + ", ".join(
+                    f"{p} x{n}" for p, n in self.paths.items())
+            return ""
+        if self.site.mask_observed and self.site.mask_kind not in ("", "key padding"):
+            return (f"at the observed inputs the mask is {self.site.mask_kind}, not key "
+                    f"padding: the op runs exact attention for such inputs")
+        return ""
+
+    @property
+    def status(self) -> Status:
+        return Status.RUNS_EXACT if self.exact_only else self.site.status
 
     @property
     def reason(self) -> str:
-        return self.site.reason
+        why = self.exact_only
+        return "; ".join(r for r in (self.site.reason, why) if r)
 
     def costs(self) -> dict[str, Any]:
         """Symbolic FLOPs/bytes before and after, and their values at the observed shapes."""
@@ -73,7 +92,9 @@ class Row:
             "k_shape": [str(d) for d in s.k_shape], "v_shape": [str(d) for d in s.v_shape],
             "dtype": s.dtype, "mask": s.mask, "causal": s.causal, "scale": _jsonable(s.scale),
             "dropout_p": s.dropout_p, "gqa_groups": s.gqa_groups, "rewrite": s.rewrite,
-            "policy_key": s.policy_key, "status": s.status.value, "reason": s.reason,
+            "policy_key": s.policy_key, "status": self.status.value, "reason": self.reason,
+            "mask_kind": s.mask_kind, "mask_observed": s.mask_observed,
+            "causal_queries": s.causal_queries, "causal_why": s.causal_why,
             "probs_used_by": list(s.probs_used_by), "graph": s.graph_index,
             "config": None if s.config is None else s.config.to_dict(),
             "paths": self.paths, "min_length": s.min_length, "crossover": s.crossover, **costs,
@@ -89,9 +110,12 @@ class Row:
                       f"{_human(c['memory_after_value'])}B")
         shapes = f"q{_fmt_shape(s.q_shape)} k{_fmt_shape(s.k_shape)}"
         mask = s.mask + (f"{_fmt_shape(s.mask_shape)}" if s.mask != "none" else "")
+        if s.mask_kind:
+            mask += f" {s.mask_kind}" + (" (observed)" if s.mask_observed else "")
+        causal = "yes" if s.causal else ("queries" if s.causal_queries else "no")
         ran = ", ".join(f"{path} x{n}" for path, n in self.paths.items())
-        return [s.fqn or "<root>", s.spelling, shapes, mask, "yes" if s.causal else "no",
-                s.rewrite, s.status.value, flops, memory, ran, s.reason]
+        return [s.fqn or "<root>", s.spelling, shapes, mask, causal,
+                s.rewrite, self.status.value, flops, memory, ran, self.reason]
 
 
 def _jsonable(x: Any) -> Any:

@@ -28,6 +28,11 @@ class CompileState:
     calls: int = 0
     graph_runs: int = 0
     capture_problems: dict[str, int] = field(default_factory=dict)
+    # id(module) -> its path in the compiled model (graphs captured inside a submodule's
+    # forward after a graph break name their modules from that submodule)
+    module_paths: dict[int, str] = field(default_factory=dict, repr=False)
+    # module path -> why it declares a causal query stream (passes/analysis/causality.py)
+    causal_modules: dict[str, str] = field(default_factory=dict, repr=False)
     dynamo_limit: str = ""  # dynamo's last "hit config.*_limit" warning in a call of this model
     telemetry: SiteCounts = field(default_factory=new_sink, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

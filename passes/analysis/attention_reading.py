@@ -234,3 +234,99 @@ def is_none_at_2(index: Any) -> bool:
     full = slice(None, None, None)
     return index[0] == full and index[1] == full and index[2] is None
 
+
+
+# ----------------------------------------------------------------------------- batch layouts
+
+def batch_split(node: Any) -> tuple | None:
+    """For `x.view(b0, b1, Nq, Nk)` / `reshape` of a rank-3 x (b0·b1, Nq, Nk) — scores computed
+    by `bmm` on merged batch and head dims, viewed per head for the mask (BLOOM, DeBERTa) —
+    the sizes (b0, b1) as the view wrote them (ints, size nodes, or one -1); None otherwise."""
+    if not (gu.is_method(node, "view", "reshape") or gu.is_function(node, torch.reshape)):
+        return None
+    src, out = gu.value_of(node.args[0]), gu.value_of(node)
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return None
+    if src.dim() != 3 or out.dim() != 4 or list(src.shape[1:]) != list(out.shape[2:]):
+        return None
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+        else node.args[1:]
+    if gu.is_function(node, torch.reshape):
+        sizes = node.args[1]
+    return tuple(sizes[:2]) if len(sizes) == 4 else None
+
+
+def batch_merge(node: Any) -> bool:
+    """Is `node` a view/reshape (b0, b1, Nq, Nk) -> (b0·b1, Nq, Nk) (the probabilities going
+    back to the merged layout for `bmm` with the values)?"""
+    if not (gu.is_method(node, "view", "reshape") or gu.is_function(node, torch.reshape)):
+        return False
+    src, out = gu.value_of(node.args[0]), gu.value_of(node)
+    return (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() == 4
+            and out.dim() == 3 and list(src.shape[2:]) == list(out.shape[1:]))
+
+
+# ------------------------------------------------------- attention-shaped, but not readable
+
+# ops that end a walk looking for an attention around a softmax: layers with weights, norms,
+# another softmax (a classifier head or router is `softmax(linear(x))`, not `softmax(q·kᵀ)`)
+_BARRIERS = (torch.nn.functional.linear, torch._C._nn.linear, torch.nn.functional.layer_norm,
+             torch.nn.functional.group_norm, torch.nn.functional.embedding, torch.conv1d,
+             torch.conv2d, torch.nn.functional.conv1d, torch.nn.functional.conv2d)
+
+
+def _barrier(node: fx.Node) -> bool:
+    return (gu.is_function(node, *_BARRIERS, *gu.SOFTMAXES) or gu.is_method(node, "softmax")
+            or node.op in ("placeholder", "get_attr", "output"))
+
+
+def score_ancestor(node: Any, depth: int = 24) -> bool:
+    """Is a product of two activations (matmul/bmm/baddbmm/einsum) among the ancestors of
+    `node`, walking only through ops that are not layers (see `_BARRIERS`)?"""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen or _barrier(n):
+                continue
+            seen.add(n)
+            if is_score_producer(n):
+                return True
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def values_consumer(sm: fx.Node, depth: int = 16) -> fx.Node | None:
+    """The first matmul/bmm/einsum the probabilities reach (through any non-layer ops) with
+    another operand, or None."""
+    frontier, seen = [sm], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if is_score_producer(u):
+                    if any(x is not n for x in u.all_input_nodes):
+                        return u
+                    continue
+                if not _barrier(u):
+                    nxt.append(u)
+        frontier = nxt
+    return None
+
+
+def first_unread_user(sm: fx.Node) -> str:
+    """What the probabilities pass through that the forward walk does not accept."""
+    cur = sm
+    for _ in range(8):
+        users = list(cur.users)
+        nxt = [u for u in users if is_cast(u) or dropout_or_none(u) is not None]
+        if len(nxt) == 1 and len(users) == 1:
+            cur = nxt[0]
+            continue
+        other = [u for u in users if u not in nxt]
+        return describe(other[0]) if other else f"{len(users)} users"
+    return describe(cur)

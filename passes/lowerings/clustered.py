@@ -55,6 +55,12 @@ def _check_site(node: fx.Node, site: Site, config: Clustered) -> None:
     if site.causal:
         raise Decline(f"causal attention is not supported by {config.name} (a cluster mixes "
                       f"positions, so its row would see future keys); use TopK or Dense")
+    if site.causal_queries:
+        raise Decline(f"the queries are causal ({site.causal_why}): {config.name} would pool "
+                      f"later positions into earlier rows; use TopK or Dense")
+    if site.mask_kind not in ("", "key padding") and not site.mask_observed:
+        raise Decline(f"the mask is {site.mask_kind} for every input, never key padding: the "
+                      f"approximate path could never run")
     mask = value_of(node.args[3])
     if mask is not None:
         if mask.requires_grad:
