@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from clusterfx.compiler.backend import LAST_STATE, ClusterfxBackend, check_backend
-from clusterfx.compiler.capture import watching
+from clusterfx.compiler.capture import own_dynamic_state, watching
 from clusterfx.compiler.mesh import mesh_key
 from clusterfx.compiler.pass_manager import check_stop_after
 from clusterfx.compiler.report import Report, Row
@@ -209,7 +209,8 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
             captured.append(gm)
             return fn
 
-    with _mha_fast_path_off(), _traceable_library_code(), _own_errors():
+    with _mha_fast_path_off(), _traceable_library_code(), _own_errors(), \
+            own_dynamic_state(state):
         torch.compile(model, backend=_Keep(state), fullgraph=True, isolate_recompiles=True,
                       **torch_compile_kwargs)(*inputs)
     gm = captured[-1]

@@ -13,6 +13,11 @@ that ran none of them ran no clusterfx graph. Dynamo's own warnings during the c
 "hit config.recompile_limit" line) name the cause when there is one; otherwise the cause is
 read from the model (`torch._dynamo.disable` on its forward), dynamo's stance and config.
 
+Dynamo's automatic-dynamic memory (which input sizes it has seen vary) is kept per code object
+for the whole process: after model A, model B sharing a code object with it (HF's forward
+decorators, a wrapper) would be traced with symbolic shapes on its first compile (Swin: 65 s
+instead of 3 s). `own_dynamic_state` gives each compile its own memory during its calls.
+
 Every compile gets its own dynamo cache region (`torch.compile(isolate_recompiles=True)`), so
 compiles never count against each other's `recompile_limit`; the process-wide
 `accumulated_recompile_limit` (256 entries per code object over all regions, never freed while
@@ -21,6 +26,7 @@ the process lives) is raised to `ACCUMULATED_LIMIT` during clusterfx's own calls
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -87,6 +93,26 @@ def _no_graph_cause(target: Any) -> str:
 
 
 @contextlib.contextmanager
+def own_dynamic_state(state: Any):
+    """During a call: dynamo's automatic-dynamic code state is this compile's own."""
+    try:
+        from torch._dynamo import pgo
+    except ImportError:  # pragma: no cover - another torch layout: nothing to isolate
+        yield
+        return
+    if not hasattr(pgo, "_CODE_STATE") or not hasattr(pgo, "CodeState"):
+        yield
+        return
+    if state.code_state is None:
+        state.code_state = collections.defaultdict(pgo.CodeState)
+    saved, pgo._CODE_STATE = pgo._CODE_STATE, state.code_state
+    try:
+        yield
+    finally:
+        pgo._CODE_STATE = saved
+
+
+@contextlib.contextmanager
 def watching(state: Any, target: Any):
     """Around one call of a compiled model: record capture problems in `state`, warn once per
     cause. `state` is a CompileState; `target` the model or callable that was compiled."""
@@ -96,7 +122,8 @@ def watching(state: Any, target: Any):
     runs = state.graph_runs
     limit = max(torch._dynamo.config.accumulated_recompile_limit, ACCUMULATED_LIMIT)
     try:
-        with torch._dynamo.config.patch(accumulated_recompile_limit=limit):
+        with torch._dynamo.config.patch(accumulated_recompile_limit=limit), \
+                own_dynamic_state(state):
             yield
     finally:
         logger.removeHandler(handler)

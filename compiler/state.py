@@ -34,6 +34,7 @@ class CompileState:
     # module path -> why it declares a causal query stream (passes/analysis/causality.py)
     causal_modules: dict[str, str] = field(default_factory=dict, repr=False)
     dynamo_limit: str = ""  # dynamo's last "hit config.*_limit" warning in a call of this model
+    code_state: Any = field(default=None, repr=False)  # dynamo's automatic-dynamic memory
     telemetry: SiteCounts = field(default_factory=new_sink, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     manager: PassManager = field(init=False, repr=False)

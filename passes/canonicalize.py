@@ -249,10 +249,17 @@ class Canonicalizer:
             self._static[node] = evaluate_static(node, self.concrete, self._positions)
         return self._static[node]
 
-    def combine_masks(self, terms: list[MaskTerm], like: fx.Node) -> tuple[Any, bool]:
-        """One SDPA-style mask (bool keep or additive float) from all terms, and causality."""
+    def combine_masks(self, terms: list[MaskTerm], like: fx.Node) -> tuple[Any, bool, Any]:
+        """One SDPA-style mask (bool keep or additive float) from all terms, causality, and the
+        rows a finite fill masks entirely (or None).
+
+        A finite fill (`masked_fill(m, finfo.min)`) *replaces* the scores: as an additive mask
+        the forward is the same (`fill + s` rounds to `fill`), but gradients would flow into
+        the scores of masked entries. They are exactly zero (softmax weight 0) except on rows
+        masked entirely, where the softmax is uniform; so additive terms applied before such a
+        fill are zeroed where it masks, and the caller zeroes those rows' queries."""
         causal = False
-        keeps, adds = [], []
+        keeps, adds, replaced = [], [], []  # replaced: finite-fill drop masks seen so far
         for t in terms:
             static = self.static_value(t.node)
             if static is not None:
@@ -269,6 +276,9 @@ class Canonicalizer:
                     inverse = isinstance(f, rd.Reciprocal)
                     op = gu.DIV_FUNCS[0] if inverse else gu.MUL_FUNCS[0]
                     node = self.editor.call(op, (node, f.x if inverse else f), like=like)
+                if replaced:  # a fill applied after this term replaced it where it masks
+                    node = self.editor.call(torch.where, (self._union(replaced, like), 0.0,
+                                                          node), like=like)
                 adds.append(node)
                 continue
             if t.fill == float("-inf"):
@@ -278,6 +288,11 @@ class Canonicalizer:
                 drop = t.node if t.kind == "drop" else self.editor.call(
                     torch.logical_not, (t.node,), like=like)
                 adds.append(self._additive(drop, t.fill, t.dtype, like))
+                replaced.append(drop)
+        dead = None
+        if replaced:
+            dead = self.editor.call("all", (self._union(replaced, like), -1), {"keepdim": True},
+                                    like=like, method=True)
         if adds:
             dtype = gu.value_of(adds[0]).dtype
             for keep in keeps:
@@ -286,13 +301,19 @@ class Canonicalizer:
             mask = adds[0]
             for extra in adds[1:]:
                 mask = self.editor.call(gu.ADD_FUNCS[0], (mask, extra), like=like)
-            return mask, causal
+            return mask, causal, dead
         if not keeps:
-            return None, causal
+            return None, causal, dead
         mask = keeps[0]
         for extra in keeps[1:]:
             mask = self.editor.call(torch.logical_and, (mask, extra), like=like)
-        return mask, causal
+        return mask, causal, dead
+
+    def _union(self, drops: list, like: fx.Node) -> Any:
+        union = drops[0]
+        for extra in drops[1:]:
+            union = self.editor.call(torch.logical_or, (union, extra), like=like)
+        return union
 
     def _split_mask(self, mask: Any, split: tuple, like: fx.Node) -> Any:
         """A mask term of the merged layout (b0·b1 | 1, Nq | 1, Nk) in the split layout."""
@@ -323,7 +344,9 @@ class Canonicalizer:
             k, v, groups = rd.unwrap_gqa(k, v)
             match.enable_gqa = match.enable_gqa or groups > 1
             scale, q = self.scale_value(match.factors, like, q)
-            mask, causal = self.combine_masks(match.masks, like)
+            mask, causal, dead = self.combine_masks(match.masks, like)
+            if dead is not None:  # rows a finite fill masks entirely: no gradient to q·kᵀ
+                q = self.editor.call(torch.where, (dead, 0.0, q), like=like)
             match.is_causal = match.is_causal or causal
             node = self.editor.call(
                 canonical_attention,

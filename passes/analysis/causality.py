@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from clusterfx.passes.analysis.graph_utils import value_of
 from clusterfx.passes.analysis.mask_analysis import evaluate_static, input_placeholders
 
 _MASKED = -1e4  # additive values at or below this mean "masked"

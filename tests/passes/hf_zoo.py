@@ -60,7 +60,12 @@ class Arch:
     sites: list[str]  # module paths of the attention sites (prefixed with "model.")
     causal: bool = False  # a decoder / the target side of an encoder-decoder
     perturb: int = 0  # which input holds the token ids whose last position is changed
-    kinds: dict[str, str] = field(default_factory=dict)  # path -> expected status, if not dense
+    # expected status when the policy leaves every site dense: "kept dense", or per path
+    # ("*": every site) "unsupported" for attention that is recorded but cannot be read
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    def expected(self, path: str) -> str:
+        return self.kinds.get(path, self.kinds.get("*", "kept dense"))
 
 
 def _text(cls, cfg, names=("input_ids", "attention_mask"), **extra):
@@ -181,7 +186,7 @@ ZOO: list[Arch] = [
     Arch("longformer", "sliding-window + global attention (banded einsum)",
          _text(tf.LongformerModel, lambda: tf.LongformerConfig(
              **SMALL, attention_window=4, pad_token_id=1)),
-         _layers("encoder.layer", "attention.self")),
+         _layers("encoder.layer", "attention.self"), kinds={"*": "unsupported"}),
     # ---------------------------------------------------------------- decoders
     Arch("gpt-neo", "decoder, global + local layers, unscaled scores",
          _text(tf.GPTNeoModel, lambda: tf.GPTNeoConfig(
@@ -240,7 +245,7 @@ ZOO: list[Arch] = [
     Arch("gemma2", "decoder, tanh soft-capping of scores, sliding window",
          _text(tf.Gemma2Model, lambda: tf.Gemma2Config(**DECODER, head_dim=8,
                                                         sliding_window=4)),
-         _layers("layers", "self_attn"), causal=True),
+         _layers("layers", "self_attn"), causal=True, kinds={"*": "unsupported"}),
     Arch("gemma3", "decoder, QK-norm, sliding + global layers",
          _text(tf.Gemma3TextModel, lambda: tf.Gemma3TextConfig(**DECODER, head_dim=8,
                                                                 sliding_window=4)),
@@ -301,7 +306,7 @@ ZOO: list[Arch] = [
          _audio(tf.Wav2Vec2Model, lambda: tf.Wav2Vec2Config(
              hidden_size=E, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
-             num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, do_stable_layer_norm=False)),
+             num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)),
          _layers("encoder.layers", "attention")),
     Arch("hubert", "audio encoder",
          _audio(tf.HubertModel, lambda: tf.HubertConfig(
