@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clusterfx.bench.limits import check_sizes
 from clusterfx.config.configs import ImprovedClustered
 
 METHODS = ("dense", "clustered", "i-clustered", "topk", "flex", "clustered-paper",
@@ -241,6 +242,9 @@ def _settings(args: argparse.Namespace) -> dict:
             raise ValueError(f"{name} ({value}) must be a positive integer")
     if args.refine < 0:
         raise ValueError(f"--refine ({args.refine}) must be >= 0")
+    heads, dtype = args.heads or (16 if cuda else 8), args.dtype or (
+        "bfloat16" if cuda else "float32")
+    check_sizes(sizes, 1, heads, args.dim, dtype, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     return {"batch": 1, "heads": args.heads or (16 if cuda else 8), "dim": args.dim,

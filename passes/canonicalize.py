@@ -490,7 +490,8 @@ def _canonicalize_sdpa(canon: Canonicalizer, node: fx.Node, graph_index: int) ->
                   enable_gqa=bool(gqa))
     if scale is None:
         head_dim = gu.value_of(q).shape[-1]
-        scale = 1.0 / math.sqrt(head_dim) if isinstance(head_dim, int) else None
+        scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if isinstance(
+            head_dim, int) else None  # D = 0: every score is 0, whatever the scale
         if scale is None:
             with canon.gm.graph.inserting_before(node):
                 size = canon.editor.call("size", (q, -1), like=node, method=True)

@@ -9,6 +9,7 @@ recompile at any new length):
   crossover from the cost model) → exact attention (path 1);
 - an `attn_mask` that is not a key-padding mask (it varies over queries or heads, or an additive
   mask holds values other than 0 and <= -1e4) → exact attention (path 2);
+- a zero-size dimension → exact attention's answer (empty, or zeros with no key; path 3);
 - otherwise `method` ("clustered" | "improved_clustered") with the mask as key padding (path 0).
 The path taken and the implementation are counted for `site` (a telemetry tag: the compile
 that emitted the op owns the counts; see `clusterfx.ops.common.telemetry`).
@@ -29,12 +30,14 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.attention import dense_attention
-from clusterfx.ops.clustered import registration
+from clusterfx.ops.clustered import checks, registration
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
+from clusterfx.ops.common.degenerate import degenerate_attention, is_degenerate
 from clusterfx.ops.common.dispatch import resolve_impl
 
-PATHS = ("approximate", "exact: shorter than min_length", "exact: mask is not key padding")
+PATHS = ("approximate", "exact: shorter than min_length", "exact: mask is not key padding",
+         "exact: empty input")
 METHODS = ("clustered", "improved_clustered")
 _MASKED = -1e4  # additive values at or below this mean "masked"
 
@@ -54,6 +57,8 @@ def key_padding(mask: Tensor | None, batch: int, keys: int) -> tuple[bool, Tenso
 
 
 def _dense(q, k, v, mask, scale):
+    if is_degenerate(q, k, v):  # a zero-size dim: empty output, or zeros with no key
+        return degenerate_attention(q, k, v, mask, False, scale)
     return dense_attention(q, k, v, mask, 0.0, False, scale, q.shape[1] != k.shape[1])
 
 
@@ -69,7 +74,9 @@ def conditional_attention(
     batch, heads, nq = q.shape[:3]
     assignments = torch.zeros(batch, heads, nq, dtype=torch.int64, device=q.device)
     path = 1
-    if k.shape[2] >= min_length:
+    if is_degenerate(q, k, v):
+        path = 3
+    elif k.shape[2] >= min_length:
         ok, keep = key_padding(attn_mask, batch, k.shape[2])
         path = 0 if ok else 2
     backend = "dense" if path else resolve_impl(impl, q.device)
@@ -106,6 +113,7 @@ def conditional_attention_backward(
     else:
         _, keep = key_padding(attn_mask, q.shape[0], k.shape[2])
         mod = registration.differentiable(impl)
+        clusters = checks.spare_clusters(clusters, q)  # as the forward used
         if method == "clustered":
             fn = lambda q_, k_, v_: mod.clustered_attention_from_assignments(  # noqa: E731
                 q_, k_, v_, assignments, clusters, keep, scale)
