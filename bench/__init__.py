@@ -33,4 +33,5 @@ BENCHMARKS: dict[str, Benchmark] = {
                            "attention"),
     "quality": Benchmark("pretrained all-MiniLM-L6-v2, attention rewritten without retraining: "
                          "embedding cosine and retrieval vs dense", "quality"),
+    "thc": Benchmark("THC on brain networks: runtime and memory vs number of ROIs", "thc"),
 }

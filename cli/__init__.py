@@ -20,6 +20,7 @@ from typing import Any
 
 from clusterfx.apps.common import BACKENDS, compile_and_run
 from clusterfx.apps.demo import run_demo
+from clusterfx.apps.thc import command as thc_command
 from clusterfx.bench import BENCHMARKS
 from clusterfx.cli.loading import build_inputs, build_model, parse_policy
 from clusterfx.compiler.equivalence import check_equivalence
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--backend", choices=BACKENDS, default="eager")
     chk.add_argument("--no-grads", action="store_true", help="compare outputs only")
     chk.set_defaults(func=cmd_check)
+
+    thc_command.add_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS))
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

@@ -198,8 +198,10 @@ def _as_call(inputs: Any) -> tuple[tuple, dict]:
     else:
         raise TypeError(f"inputs ({type(inputs).__name__}) must be a tensor, a tuple/list of "
                         f"positional arguments, or a dict of keyword arguments")
-    if not any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves((args,
-                                                                                      kwargs))):
+    # objects pytree cannot see into (a PyG Batch, a custom input class) are passed as they
+    # are: their outputs and the parameter gradients are compared, not gradients inside them
+    plain = (int, float, bool, complex, str, type(None))
+    if all(isinstance(x, plain) for x in torch.utils._pytree.tree_leaves((args, kwargs))):
         raise TypeError(f"inputs contain no tensor: got {_describe(inputs)}")
     return args, kwargs
 

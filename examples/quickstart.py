@@ -7,7 +7,7 @@ that the compiled model still computes what the original does.
 import torch
 
 import clusterfx as cfx
-from clusterfx.compiler.equivalence import check_equivalence
+from clusterfx import check_equivalence
 from clusterfx.models import example_inputs, gpt_tiny
 
 

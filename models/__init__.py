@@ -1,4 +1,5 @@
-"""Plain-torch reference models with dense attention. Never imports passes/ or compiler/."""
+"""Plain-torch reference models with dense attention (and THC with its PyG frontend). Import
+only torch and torch_geometric; never the rest of clusterfx."""
 
 from __future__ import annotations
 
@@ -6,13 +7,33 @@ import torch
 
 from .bert import Bert, bert_tiny
 from .gpt import GPT, gpt_tiny
+from .thc import (
+    GCN,
+    THC,
+    FlatTransformer,
+    THCOutput,
+    cluster_loss,
+    dense_connectivity,
+    from_connectivity,
+    from_networkx_graph,
+    thc_small,
+)
 from .vit import ViT, vit_tiny
 
 __all__ = [
     "MODEL_FACTORIES",
+    "GCN",
     "GPT",
+    "THC",
     "Bert",
+    "FlatTransformer",
+    "THCOutput",
     "ViT",
+    "cluster_loss",
+    "dense_connectivity",
+    "from_connectivity",
+    "from_networkx_graph",
+    "thc_small",
     "bert_tiny",
     "example_inputs",
     "gpt_tiny",

@@ -1,7 +1,9 @@
-"""Shared test helpers: tolerances from a float64 oracle, compile-and-compare, graph counts."""
+"""Shared test helpers: tolerances derived from a float64 oracle, compile-and-compare through
+`clusterfx.check_equivalence`, graph counts."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,9 +16,38 @@ EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10
 
 
 def tolerance(dtype: torch.dtype, reduction: int, factor: float = 8.0) -> float:
-    """Relative tolerance for results of `dtype` after reductions of length `reduction`:
-    rounding error grows like eps * sqrt(n) for the sums in attention."""
+    """Relative tolerance between two computations of the same thing in `dtype` (e.g. compiled
+    vs eager) after reductions of length `reduction`: rounding error grows like eps·sqrt(n)."""
     return factor * EPS[dtype] * max(reduction, 1) ** 0.5
+
+
+def oracle_tolerance(dtype: torch.dtype, oracle: torch.Tensor | float, reduction: int = 1, *,
+                     accumulation_ulps: float = 16.0, rounding_ulps: float = 2.0,
+                     floor: float = 0.0) -> float:
+    """The absolute error an implementation computing in `dtype` may have against the float64
+    oracle: `rounding_ulps` ulps of rounding its output to `dtype`, plus float32 accumulation
+    error growing like sqrt(reduction) (`accumulation_ulps` fp32 ulps per sqrt term), relative
+    to the oracle's magnitude (max |oracle|, at least `floor`)."""
+    scale = float(oracle.abs().max()) if isinstance(oracle, torch.Tensor) else float(oracle)
+    unit = rounding_ulps * EPS[dtype] + accumulation_ulps * math.sqrt(max(reduction, 1)) * EPS[
+        torch.float32]
+    return unit * max(scale, floor)
+
+
+def assert_within_eager_error(got: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor,
+                              dtype: torch.dtype, factor: float = 2.0) -> None:
+    """Against the float64 oracle, `got` errs no more than `factor` × what eager errs in `dtype`
+    (plus one ulp of the oracle's magnitude): the tolerance comes from the oracle, not a guess."""
+    err_eager = float((eager.double() - oracle).abs().max())
+    err_got = float((got.double() - oracle).abs().max())
+    eps = EPS[dtype] * float(oracle.abs().max())
+    assert err_got <= factor * err_eager + eps, (err_got, err_eager)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
+    """max |a - b| relative to max |b| (or to `scale`, e.g. the largest of a set of tensors)."""
+    ref = float(b.detach().abs().max()) if scale is None else scale
+    return float((a.detach() - b.detach()).abs().max()) / max(ref, 1e-30)
 
 
 def _leaves(x: Any) -> list[torch.Tensor]:
@@ -27,12 +58,6 @@ def _leaves(x: Any) -> list[torch.Tensor]:
     if isinstance(x, (list, tuple)):
         return [t for item in x for t in _leaves(item)]
     return []
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
-    """max |a - b| relative to max |b| (or to `scale`, e.g. the largest of a set of tensors)."""
-    ref = float(b.detach().abs().max()) if scale is None else scale
-    return float((a.detach() - b.detach()).abs().max()) / max(ref, 1e-30)
 
 
 def run_with_grads(fn, inputs: tuple, params: list[torch.nn.Parameter], seed: int = 0):
@@ -54,28 +79,20 @@ def run_with_grads(fn, inputs: tuple, params: list[torch.nn.Parameter], seed: in
 
 def compile_and_compare(model, inputs: tuple, policy=None, backend: str = "eager",
                         rtol: float | None = None, grads: bool = True, **kwargs):
-    """Compile `model` with clusterfx, assert outputs (and gradients) equal eager's;
-    return the report."""
+    """Compile `model` with clusterfx and assert, through `cfx.check_equivalence`, that its
+    outputs (and the gradients of parameters and floating inputs) equal eager's within `rtol`
+    (default: `tolerance` of the inputs' dtype and largest trailing dim); return the report."""
     compiled = cfx.compile(model, policy=policy, backend=backend, **kwargs)
-    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-    if grads:
-        ref_out, ref_grads = run_with_grads(model, inputs, params)
-        out, out_grads = run_with_grads(compiled, inputs, params)
-    else:
-        with torch.no_grad():
-            ref_out, ref_grads = _leaves(model(*inputs)), []
-            out, out_grads = _leaves(compiled(*inputs)), []
-    assert len(out) == len(ref_out) and len(out_grads) == len(ref_grads)
-    # Gradients are compared relative to the largest gradient: some are analytically zero
-    # (a key bias under softmax's shift invariance) and hold only rounding noise.
-    grad_scale = max((float(g.abs().max()) for g in ref_grads), default=None)
-    pairs = [(a, b, None) for a, b in zip(out, ref_out)] + [
-        (a, b, grad_scale) for a, b in zip(out_grads, ref_grads)]
-    for a, b, scale in pairs:
-        tol = rtol if rtol is not None else tolerance(b.dtype, b.shape[-1] if b.dim() else 1)
-        assert a.shape == b.shape
-        err = rel_err(a, b, scale)
-        assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+    floats = [x for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if grads:  # gradients w.r.t. the floating inputs too
+        chosen = {id(x) for x in floats}
+        inputs = tuple(x.detach().clone().requires_grad_(True) if id(x) in chosen else x
+                       for x in inputs)
+    if rtol is None:
+        dtype = floats[0].dtype if floats else torch.float32
+        rtol = tolerance(dtype, max((x.shape[-1] for x in floats if x.dim()), default=1))
+    result = cfx.check_equivalence(model, compiled, inputs, grads=grads)
+    assert result.ok(rtol), f"not within rtol {rtol:.3g}:\n{result}"
     return cfx.explain(compiled)
 
 

@@ -17,14 +17,23 @@ MAX_BITS = 63
 SEED_LIMIT = 2**63  # seeds travel through int64 op arguments
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: both a TypeError and a ValueError, so a caller catching
+    either (as the op schemas and the CLI do) sees it."""
+
+
 def is_int(value) -> bool:
     return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
 
 
 def check_int(name: str, value, minimum: int = 1) -> None:
-    """``value`` must be a Python int ≥ ``minimum`` (``bool`` is rejected)."""
-    if not is_int(value) or value < minimum:
-        what = "a positive int (>= 1)" if minimum == 1 else f"an int >= {minimum}"
+    """``value`` must be a Python int ≥ ``minimum`` (``bool`` is rejected): a wrong type raises
+    ``ArgumentTypeError``, a value out of range ``ValueError``."""
+    what = "a positive int (>= 1)" if minimum == 1 else f"an int >= {minimum}"
+    if not is_int(value):
+        raise ArgumentTypeError(f"{name} ({value!r}) must be {what}, not "
+                                f"{type(value).__name__}")
+    if value < minimum:
         raise ValueError(f"{name} ({value!r}) must be {what}")
 
 

@@ -10,17 +10,10 @@ import math
 
 import torch
 
-from clusterfx.ops.common.checks import FLOAT_DTYPES, check_impl
+from clusterfx.ops.common.checks import FLOAT_DTYPES, check_impl, check_positive_int
 
 DTYPES = FLOAT_DTYPES
 _LAYOUTS = {"q": "(B, H, Nq, D)", "k": "(B, Hk, Nk, D)", "v": "(B, Hk, Nk, Dv)"}
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
 
 
 def _check_mask(attn_mask, q: torch.Tensor, target: tuple) -> None:
@@ -63,8 +56,8 @@ def validate(q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl) -> No
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Hk, Nk)")
     if (hk == 0 and h != 0) or (hk > 0 and h % hk != 0):
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
-    _positive_int("topk", topk)
-    _positive_int("chunk_size", chunk_size)
+    check_positive_int("topk", topk)
+    check_positive_int("chunk_size", chunk_size)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}")
     if scale is not None:

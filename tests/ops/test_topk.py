@@ -1,6 +1,5 @@
 """Tests for `clusterfx::topk_attention`; the oracle is `topk_attention_reference` in float64."""
 
-import math
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterfx.ops.topk import counters, topk_attention, topk_attention_reference
+from tests.helpers import oracle_tolerance
 
 F64 = torch.float64
 TRITON = pytest.mark.triton
@@ -41,8 +41,7 @@ def make_mask(kind, b, h, nq, nk, seed=1):
 def tolerance(dtype, ref, d):
     """|impl - float64 oracle| bound: one ulp of output rounding in ``dtype`` (Triton's
     interpreter truncates instead of rounding) plus fp32 score error growing like sqrt(D)."""
-    eps = torch.finfo(dtype).eps
-    return (2 * eps + 4 * math.sqrt(d) * torch.finfo(torch.float32).eps) * max(ref.abs().max(), 1)
+    return oracle_tolerance(dtype, ref, reduction=d, accumulation_ulps=4.0, floor=1.0)
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
@@ -212,10 +211,10 @@ def test_fuzz_cpu_matches_reference(data):
 
 
 BAD = [
-    (dict(topk=0), ValueError, r"topk must be a positive int \(>= 1\), got 0"),
-    (dict(topk=-3), ValueError, "got -3"),
-    (dict(topk=2.5), TypeError, "topk must be an int"),
-    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(topk=0), ValueError, r"topk \(0\) must be a positive int \(>= 1\)"),
+    (dict(topk=-3), ValueError, r"topk \(-3\)"),
+    (dict(topk=2.5), TypeError, r"topk \(2.5\) must be a positive int \(>= 1\), not float"),
+    (dict(chunk_size=0), ValueError, r"chunk_size \(0\) must be a positive int"),
     (dict(q=torch.randn(4, 11, 8)), ValueError, r"q must have rank 4 \(B, H, Nq, D\), got rank 3"),
     (dict(k=torch.randn(2, 2, 13, 7)), ValueError, "head dims differ: q has D=8, k has D=7"),
     (dict(q=torch.randn(2, 3, 11, 8)), ValueError, r"query heads \(3\) .* key/value heads \(2\)"),

@@ -1,0 +1,1 @@
+"""THC on brain networks: connectome folders, training and evaluation, pictures, benchmark."""
