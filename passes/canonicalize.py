@@ -459,6 +459,12 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
         return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
     if nd < 3:
         return _unsupported(sm, match.spelling, "unbatched 2-D attention", graph_index)
+    refs = [rd.node_of(r) for r in (match.q, match.k, match.v)]
+    if any((gu.ndim(r) or 0) < 3 for r in refs):
+        if any(rd.weight_only(r) for r in refs[1:]):
+            return None  # softmax(x @ W) @ U over learned columns: a router, not attention
+        return _unsupported(sm, match.spelling, "keys or values of rank 2 (shared by the "
+                            "whole batch); the canonical op takes (..., N, D)", graph_index)
     if match.spelling == "matmul" and gu.is_function(producer, torch.bmm):
         match.spelling = "bmm"
     site = Site(gu.module_path(sm), match.spelling, graph_index=graph_index)

@@ -280,9 +280,52 @@ def _barrier(node: fx.Node) -> bool:
             or node.op in ("placeholder", "get_attr", "output"))
 
 
+def _weight(x: Any) -> bool:
+    """A parameter or buffer of the model (a placeholder lifted from one, or a get_attr)."""
+    if not isinstance(x, fx.Node):
+        return False
+    if x.op == "get_attr":
+        return True
+    if x.op != "placeholder":
+        return False
+    source = getattr(x.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else name
+    return any(t in f"{name} {x.name}" for t in ("_parameters", "parameters_", "_buffers",
+                                                  "buffers_"))
+
+
+def weight_only(node: Any, limit: int = 64) -> bool:
+    """Is `node` computed from weights and constants only (no input of the model)?"""
+    if not isinstance(node, fx.Node):
+        return True
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return False
+        if n.op == "placeholder" and not _weight(n):
+            return False
+        if gu.is_method(n, "new_ones", "new_zeros", "new_full", "new_empty") or gu.is_function(
+                n, torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like):
+            continue  # a constant: its input only lends a shape, dtype and device
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def _with_weight(node: fx.Node) -> bool:
+    """A matmul with a weight operand is a layer (`softmax(S @ W)`: an assignment to learned
+    centres, not attention over keys)."""
+    return any(_weight(x) for x in node.all_input_nodes)
+
+
 def score_ancestor(node: Any, depth: int = 24) -> bool:
     """Is a product of two activations (matmul/bmm/baddbmm/einsum) among the ancestors of
-    `node`, walking only through ops that are not layers (see `_BARRIERS`)?"""
+    `node`, walking only through ops that are not layers (see `_BARRIERS`; a product with a
+    weight is one too)?"""
     frontier, seen = [node], set()
     for _ in range(depth):
         nxt = []
@@ -291,15 +334,51 @@ def score_ancestor(node: Any, depth: int = 24) -> bool:
                 continue
             seen.add(n)
             if is_score_producer(n):
+                if _with_weight(n):
+                    continue
                 return True
             nxt.extend(n.all_input_nodes)
         frontier = nxt
     return False
 
 
+def _moves_last_dim(node: fx.Node) -> bool:
+    """A transpose / permute that moves the last dim (the keys of the probabilities)."""
+    nd = gu.ndim(node.args[0]) if node.args else None
+    if nd is None:
+        return False
+    if gu.is_function(node, getattr) and node.args[1] == "mT":
+        return True
+    if gu.is_method(node, "transpose", "swapaxes") or gu.is_function(node, torch.transpose):
+        return (nd - 1) in [d % nd for d in node.args[1:3] if isinstance(d, int)]
+    if gu.is_method(node, "permute") or gu.is_function(node, torch.permute):
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return bool(perm) and isinstance(perm[-1], int) and perm[-1] % nd != nd - 1
+    return gu.is_method(node, "t") or gu.is_function(node, torch.t)
+
+
+def _contracts_keys(user: fx.Node, operand: fx.Node) -> bool:
+    """Does `user` (a matmul / einsum) contract the last dim of `operand`, as `probs @ v`?"""
+    ops = matmul_operands(user)
+    if ops is not None:
+        return ops[0] is operand and ops[1] is not operand
+    if gu.is_function(user, *gu.EINSUMS):
+        eq, operands = einsum_parts(user)
+        if len(operands) != 2 or not isinstance(eq, str) or "->" not in eq:
+            return False
+        lhs, out = eq.replace(" ", "").split("->")
+        terms = lhs.split(",")
+        if len(terms) != 2 or operand not in operands or "..." in terms[operands.index(operand)]:
+            return False
+        term = terms[operands.index(operand)]
+        return bool(term) and term[-1] not in out
+    return False
+
+
 def values_consumer(sm: fx.Node, depth: int = 16) -> fx.Node | None:
-    """The first matmul/bmm/einsum the probabilities reach (through any non-layer ops) with
-    another operand, or None."""
+    """The first matmul/bmm/einsum with another activation that contracts the probabilities'
+    key dim, reached from the softmax through ops that are not layers and do not move that
+    dim (a pooling `softmax(...)ᵀ @ x` contracts the other dim: not attention), or None."""
     frontier, seen = [sm], set()
     for _ in range(depth):
         nxt = []
@@ -309,10 +388,10 @@ def values_consumer(sm: fx.Node, depth: int = 16) -> fx.Node | None:
                     continue
                 seen.add(u)
                 if is_score_producer(u):
-                    if any(x is not n for x in u.all_input_nodes):
+                    if not _with_weight(u) and _contracts_keys(u, n):
                         return u
                     continue
-                if not _barrier(u):
+                if not _barrier(u) and not _moves_last_dim(u):
                     nxt.append(u)
         frontier = nxt
     return None
