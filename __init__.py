@@ -21,6 +21,8 @@ else:
     from clusterfx.config import (
         AttentionConfig,
         Auto,
+        CausalClustered,
+        CausalImprovedClustered,
         Clustered,
         Dense,
         ImprovedClustered,
@@ -34,7 +36,8 @@ else:
 
     __all__ = [
         "compile", "transform", "explain", "Policy", "PolicyError", "Report", "Status",
-        "AttentionConfig", "Dense", "Clustered", "ImprovedClustered", "TopK", "PatchToCluster",
+        "AttentionConfig", "Dense", "Clustered", "ImprovedClustered", "CausalClustered",
+        "CausalImprovedClustered", "TopK", "PatchToCluster",
         "Auto", "SequenceParallel", "CompiledModule", "CompiledFunction", "check_equivalence",
         "EquivalenceResult",
     ]

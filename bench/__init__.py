@@ -33,5 +33,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                            "attention"),
     "quality": Benchmark("pretrained all-MiniLM-L6-v2, attention rewritten without retraining: "
                          "embedding cosine and retrieval vs dense", "quality"),
+    "causal": Benchmark("causal clustered attention for decoders: speed vs SDPA is_causal, and "
+                        "perplexity of a GPT trained on the stdlib", "causal"),
     "thc": Benchmark("THC on brain networks: runtime and memory vs number of ROIs", "thc"),
 }

@@ -8,6 +8,7 @@ from typing import Any
 import sympy
 
 from clusterfx.config.vocabulary import Status
+from clusterfx.passes.lowerings.causal_clustered import RUNNABLE_KINDS
 from clusterfx.passes.site import Site
 
 _COLUMNS = ("fqn", "spelling", "shapes", "mask", "causal", "rewrite", "status", "flops",
@@ -56,9 +57,9 @@ class Row:
                 return "the approximate path never ran on the inputs seen: " + ", ".join(
                     f"{p} x{n}" for p, n in self.paths.items())
             return ""
-        if self.site.mask_observed and self.site.mask_kind not in ("", "key padding"):
-            return (f"at the observed inputs the mask is {self.site.mask_kind}, not key "
-                    f"padding: the op runs exact attention for such inputs")
+        if self.site.mask_observed and self.site.mask_kind not in RUNNABLE_KINDS:
+            return (f"at the observed inputs the mask is {self.site.mask_kind}, neither key "
+                    f"padding nor causal: the op runs exact attention for such inputs")
         return ""
 
     @property

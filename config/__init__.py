@@ -6,6 +6,8 @@ from .configs import (
     CONFIG_TYPES,
     AttentionConfig,
     Auto,
+    CausalClustered,
+    CausalImprovedClustered,
     Clustered,
     Dense,
     ImprovedClustered,
@@ -18,7 +20,8 @@ from .policy import DEFAULT_KEY, Policy, Resolution, Rule, ancestors
 from .vocabulary import Decline, PolicyError, Status
 
 __all__ = [
-    "CONFIG_TYPES", "DEFAULT_KEY", "AttentionConfig", "Auto", "Clustered", "Decline", "Dense",
+    "CONFIG_TYPES", "DEFAULT_KEY", "AttentionConfig", "Auto", "CausalClustered",
+    "CausalImprovedClustered", "Clustered", "Decline", "Dense",
     "ImprovedClustered", "PatchToCluster", "Policy", "PolicyError", "Resolution", "Rule",
     "SequenceParallel", "Status", "TopK", "ancestors", "config_from_dict",
 ]

@@ -121,6 +121,47 @@ class ImprovedClustered(Clustered):
         _positive_int(type(self).__name__, "topk", self.topk)
 
 
+def _block(owner: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: block ({value!r}) must be a positive int")
+
+
+@dataclass(frozen=True)
+class CausalClustered(Clustered):
+    """Causal clustered attention for decoders: queries are never pooled across positions.
+
+    Each query attends exactly to the keys of its own block of `block` positions up to itself,
+    and to `clusters` centroids of the keys of the *earlier* blocks (key-side clustering,
+    updated in epochs from earlier positions only, so that no statistic comes from a later
+    position). Causal sites given `Clustered` run this with the same clustering knobs and the
+    default block. `iterations` defaults to 2 here: each epoch's update is warm-started.
+    """
+
+    name: ClassVar[str] = "causal_clustered"
+    iterations: int = 2
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _block(type(self).__name__, self.block)
+
+
+@dataclass(frozen=True)
+class CausalImprovedClustered(ImprovedClustered):
+    """Causal i-clustered attention: `CausalClustered` plus exact attention to `topk` earlier
+    keys per query, chosen by the query's cluster (queries clustered causally: a query is
+    assigned with centroids of earlier blocks only). Causal sites given `ImprovedClustered`
+    run this."""
+
+    name: ClassVar[str] = "causal_improved_clustered"
+    iterations: int = 2
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _block(type(self).__name__, self.block)
+
+
 @dataclass(frozen=True)
 class TopK(AttentionConfig):
     """Exact top-k attention: each query attends to its k highest-scoring keys only."""

@@ -10,10 +10,13 @@ After:
 The op decides per call (no recompiles): exact attention below `min_length` keys or when the
 mask turns out not to be key padding; clustered attention otherwise (ops/clustered). Its
 clustering knobs travel as one `ClusteringSpec`, spread into the schema's primitives here.
-Declined, with the reason in the report: causal attention (a cluster mixes queries from
-different positions, so its centroid row would see the future — the paper's code rejects it
-too; use TopK or Dense), attention dropout, masks that vary over heads or require grad.
-`Auto` takes its `min_length` from the cost model's crossover length.
+A cluster mixes queries from different positions, so its centroid row would see the future:
+causal sites, sites whose query stream is causal (`site.causal_queries`), and self-attention
+whose mask varies over queries (a decoder's causal + padding mask) go to the causal variant
+instead (`causal_clustered.py`, ops/causal_clustered), which never pools queries.
+Declined, with the reason in the report: attention dropout, masks that vary over heads or
+require grad. `Auto` takes its `min_length` from the cost model's crossover length (of the
+causal variant's formula on causal sites).
 
 Cost (C clusters, I iterations, b bits, R refine steps): hashing 2·BH·Nq·D·b, K-means
 I·BH·Nq·C, refinement R·2·BH·Nq·C·D, centroid attention 2·BH·C·Nk·(D + Dv), and with the
@@ -37,6 +40,14 @@ from clusterfx.ops.clustered import ClusteringSpec
 from clusterfx.ops.clustering import METRIC_KEYS
 from clusterfx.passes.analysis.graph_utils import value_of
 from clusterfx.passes.cost_model import Cost, Dims, crossover_length, register_cost
+from clusterfx.passes.lowerings.causal_clustered import (
+    causal_stream,
+    causal_variant,
+    check_can_run,
+    describe,
+    emit_causal,
+    mask_may_be_causal,
+)
 from clusterfx.passes.lowerings.common import as_four_d, require_no_dropout
 from clusterfx.passes.registry import LoweringContext, register_lowering
 from clusterfx.passes.site import Site
@@ -52,15 +63,6 @@ def clustering_spec(config: Clustered) -> ClusteringSpec:
 
 def _check_site(node: fx.Node, site: Site, config: Clustered) -> None:
     require_no_dropout(site, config)
-    if site.causal:
-        raise Decline(f"causal attention is not supported by {config.name} (a cluster mixes "
-                      f"positions, so its row would see future keys); use TopK or Dense")
-    if site.causal_queries:
-        raise Decline(f"the queries are causal ({site.causal_why}): {config.name} would pool "
-                      f"later positions into earlier rows; use TopK or Dense")
-    if site.mask_kind not in ("", "key padding") and not site.mask_observed:
-        raise Decline(f"the mask is {site.mask_kind} for every input, never key padding: the "
-                      f"approximate path could never run")
     mask = value_of(node.args[3])
     if mask is not None:
         if mask.requires_grad:
@@ -71,8 +73,16 @@ def _check_site(node: fx.Node, site: Site, config: Clustered) -> None:
             raise Decline(f"the mask varies over {heads} heads: not a key-padding mask")
 
 
+def routes_causal(node: fx.Node, site: Site) -> bool:
+    """Whether the site may see a decoder, so that queries must never be pooled."""
+    return causal_stream(site) or mask_may_be_causal(node)
+
+
 def emit_clustered(lctx: LoweringContext, node: fx.Node, site: Site, config: Clustered,
                    min_length: int) -> fx.Node:
+    check_can_run(site, config)
+    if routes_causal(node, site):
+        return emit_causal(lctx, node, site, causal_variant(config), min_length)
     _check_site(node, site, config)
     q, k, v, mask, restore = as_four_d(lctx.editor, node, site)
     scale = node.args[6]
@@ -88,6 +98,10 @@ def emit_clustered(lctx: LoweringContext, node: fx.Node, site: Site, config: Clu
 
 @register_lowering(Clustered)
 def lower_clustered(lctx: LoweringContext, node: fx.Node, site: Site, config: Clustered):
+    if routes_causal(node, site):
+        site.reason = describe(site, config)
+        if causal_stream(site):
+            site.config = causal_variant(config)  # what runs
     return emit_clustered(lctx, node, site, config, config.min_length)
 
 
@@ -97,16 +111,19 @@ def lower_auto(lctx: LoweringContext, node: fx.Node, site: Site, config: Auto):
     if not isinstance(candidate, Clustered):
         raise Decline(f"Auto's candidate {candidate.name} is never cheaper than exact "
                       f"attention in the cost model; choose it explicitly")
-    crossover = crossover_length(site, candidate)
+    costed = causal_variant(candidate) if causal_stream(site) else candidate
+    crossover = crossover_length(site, costed)
     if crossover is None:
-        raise Decline(f"{candidate.name} is not cheaper than exact attention at any length "
+        raise Decline(f"{costed.name} is not cheaper than exact attention at any length "
                       f"for this site's shapes")
     min_length = max(crossover, candidate.min_length)
     site.crossover = crossover
     observed = value_of(node.args[1]).shape[-2]
     observed = int(observed.node.hint) if isinstance(observed, torch.SymInt) else observed
-    site.config = candidate if observed >= min_length else None
-    site.reason = f"crossover at {crossover} keys (cost model): {candidate.name} from there"
+    site.config = costed if observed >= min_length else None
+    site.reason = f"crossover at {crossover} keys (cost model): {costed.name} from there"
+    if routes_causal(node, site):
+        site.reason += f"; {describe(site, candidate)}"
     return emit_clustered(lctx, node, site, candidate, min_length)
 
 

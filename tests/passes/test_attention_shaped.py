@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import clusterfx as cfx
 from tests.helpers import canonical_count, compile_and_compare

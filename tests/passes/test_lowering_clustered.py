@@ -75,12 +75,17 @@ def test_approximation_is_real_and_padding_is_ignored():
     assert torch.allclose(a[1][:, keep[1]], b[1][:, keep[1]], rtol=0, atol=1e-12)
 
 
-def test_causal_is_declined_with_reason():
+def test_causal_sites_go_to_the_causal_variant():
+    """Queries are never pooled on a causal site: it runs the causal variant (its own tests:
+    tests/passes/test_lowering_causal.py), not the clustered op."""
     model = gpt_tiny(dropout=0.0).eval()
     ids = example_inputs("gpt", model=model, seq_len=16)[0]
-    report = cfx.explain(cfx.compile(model, policy=cfx.ImprovedClustered(clusters=4),
-                                     backend="eager"), ids)
-    assert all(r.status == "declined" and "causal" in r.reason for r in report)
+    compiled = cfx.compile(model, policy=cfx.ImprovedClustered(clusters=4), backend="eager")
+    report = cfx.explain(compiled, ids)
+    assert all(r.status == "rewritten" and r.reason.startswith("causal:") and
+               r.site.config.name == "causal_improved_clustered" for r in report)
+    gm = cfx.transform(model, (ids,), policy=cfx.ImprovedClustered(clusters=4))
+    assert count_targets(gm, COND) == 0
 
 
 def test_static_mask_that_is_never_key_padding_is_declined():
@@ -94,7 +99,7 @@ def test_static_mask_that_is_never_key_padding_is_declined():
     g = torch.Generator().manual_seed(0)
     qkv = tuple(torch.randn(B, H, 20, D, dtype=DT, generator=g) for _ in range(3))
     report = compile_and_compare(Banded(), qkv, policy=cfx.Clustered(clusters=2), rtol=1e-12)
-    assert report[0].status == "declined" and "never key padding" in report[0].reason
+    assert report[0].status == "declined" and "never key padding or causal" in report[0].reason
     assert report[0].site.mask_kind == "general" and not report[0].site.mask_observed
 
 
@@ -110,7 +115,9 @@ def test_input_mask_that_is_not_key_padding_runs_exact_with_its_own_status():
     report = compile_and_compare(Masked(), (*qkv, banded), policy=cfx.Clustered(clusters=2),
                                  rtol=1e-12)
     assert report[0].status == "rewritten, runs exact" and "never ran" in report[0].reason
-    assert report[0].paths == {"exact: mask is not key padding": 1}
+    # a mask that varies over queries may be a decoder's causal + padding mask, so the site
+    # runs the op that can tell (ops/causal_clustered); this one is neither: exact
+    assert report[0].paths == {"exact: mask is neither causal nor key padding": 1}
     assert report[0].site.mask_kind == "general" and report[0].site.mask_observed
 
 
