@@ -114,3 +114,24 @@ def test_softmaxes_that_are_not_attention_are_never_rows():
     q, k, x = _qkv()
     report = compile_and_compare(Assignment(), (q, k, x), rtol=1e-10)
     assert len(report) == 0, str(report)
+
+
+class SharedMemory(nn.Module):
+    """Keys and values of rank 2 computed from an input (a memory shared by the whole batch):
+    attention over keys, but not in the canonical (..., N, D) layout: a row with the reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Linear(D, D, dtype=DT)
+
+    def forward(self, q, memory):
+        keys = self.k(memory)  # (M, D)
+        return torch.softmax(q @ keys.T * D**-0.5, dim=-1) @ memory
+
+
+def test_rank_two_keys_from_an_input_are_recorded_not_missed():
+    q = _qkv()[0]
+    memory = torch.randn(7, D, dtype=DT, generator=torch.Generator().manual_seed(2))
+    report = compile_and_compare(SharedMemory(), (q, memory), rtol=1e-10)
+    assert len(report) == 1 and report[0].status == "unsupported", str(report)
+    assert "rank 2" in report[0].reason
