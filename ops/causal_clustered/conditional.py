@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.attention import dense_attention
-from clusterfx.ops.causal_clustered import checks, registration
+from clusterfx.ops.causal_clustered import checks, guard, registration
 from clusterfx.ops.clustered import METHODS
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
@@ -162,13 +162,13 @@ def causal_conditional_attention_backward(
         fn = lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale)  # noqa: E731
     else:
         _, keep = mask_structure(attn_mask, q.shape[0], q.shape[2], k.shape[2])
-        mod = registration.implementation(impl)
-        kv = registration.key_valid(keep, k)
         ka = key_assign if p == 0 else key_assign[:, :, :1]
-        fn = lambda q_, k_, v_: mod.attention_from_choices(  # noqa: E731
-            q_, k_, v_, kv, ka, query_assign, topk_idx, clusters, scale, block, p == 0)
+        fn = registration.differentiable(q, k, v, keep, ka, query_assign, topk_idx, clusters,
+                                         scale, block, p == 0, impl)
     _, vjp = torch.func.vjp(fn, q, k, v)
     dq, dk, dv = vjp(grad.contiguous())
+    if guard.is_degenerate(q, k, v):  # empty gradients may be views of one another
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in (dq, dk, dv))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
