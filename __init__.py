@@ -9,6 +9,7 @@ if __name__ != "clusterfx":  # pragma: no cover - pytest imports the checkout un
 
     _sys.modules[__name__] = _importlib.import_module("clusterfx")
 else:
+    from clusterfx.apps.visualize import visualize_clusters
     from clusterfx.compiler.api import (
         CompiledFunction,
         CompiledModule,
@@ -39,6 +40,6 @@ else:
         "AttentionConfig", "Dense", "Clustered", "ImprovedClustered", "CausalClustered",
         "CausalImprovedClustered", "TopK", "PatchToCluster",
         "Auto", "SequenceParallel", "CompiledModule", "CompiledFunction", "check_equivalence",
-        "EquivalenceResult",
+        "EquivalenceResult", "visualize_clusters",
     ]
     __version__ = "0.1.0"

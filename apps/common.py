@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,39 @@ def machine_load() -> str:
     except OSError:
         load = "n/a"
     return f"load {load} on {os.cpu_count()} cores"
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGKILL when the parent dies (Linux prctl; else nothing)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def busy_neighbours(count: int):
+    """Run ``count`` busy-looping processes (``while True: pass``, one core each) for the
+    duration of the block, to time how code copes with a neighbour taking a core; they are
+    killed on exit, also on error or Ctrl-C (and, on Linux, when this process dies)."""
+    if count < 0:
+        raise ValueError(f"count ({count}) must be >= 0")
+    procs = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def reference_inputs(name: str, model: Any, seq_len: int) -> tuple:

@@ -36,4 +36,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "causal": Benchmark("causal clustered attention for decoders: speed vs SDPA is_causal, and "
                         "perplexity of a GPT trained on the stdlib", "causal"),
     "thc": Benchmark("THC on brain networks: runtime and memory vs number of ROIs", "thc"),
+    "paca": Benchmark("patch-to-cluster attention vs dense MHA, DPC-kNN global vs local: "
+                      "time, memory", "paca"),
+    "parallel": Benchmark("one attention layer fwd+bwd: one process vs Ulysses / Ring / USP "
+                          "over gloo processes, dense and clustered; bytes per layer; an 8-GPU "
+                          "projection", "parallel"),
 }

@@ -4,11 +4,25 @@
         [--repeats 3] [--heads 8] [--dim 64] [--clusters 100] [--topk 32] [--dtype float32]
         [--metric attention|euclidean] [--iterations 5] [--refine 1]
         [--device cpu|cuda] [--threads T] [--budget 240] [--no-backward] [--no-memory]
-        [--json PATH] [--markdown PATH]
+        [--load N] [--json PATH] [--markdown PATH]
 
 Self-attention on q, k, v ~ N(0, 1) of shape (B=1, H, N, D) from a seeded generator; every
 method runs through its public op with impl="auto" and clustering seed 0; dense is
-``F.scaled_dot_product_attention`` without a mask.
+``F.scaled_dot_product_attention`` without a mask. The implementation that ran (telemetry
+counters) is printed per method ("clustered [cpu]" = the fused C++ kernels). The opt-in
+``*-torch`` methods run the same ops with impl="torch" (the vectorised torch path), for a side
+by side view of what the fused kernels buy.
+
+``--load N`` starts N busy-looping processes (``while True: pass``) before the first timing and
+stops them afterwards, always (also on error or Ctrl-C; on Linux they also die with the bench),
+to measure how each method copes with a neighbour taking a core.
+
+Work rate: every method also gets its *essential* FLOPs (``essential_flops``: for clustered
+attention hashing 2·BH·N·D·bits, Lloyd steps refine·2·BH·N·C·D, centroid attention
+2·BH·C·N·(D + Dv), the keys' covariance 2·B·Hk·min(N, 4096)·D²; i-clustered adds
+2·BH·N·k·(D + Dv); top-k 2·BH·N²·D + 2·BH·N·k·Dv; dense 4·BH·N²·D; backward passes count
+2.5× the differentiable part) and the table shows achieved GFLOP/s and that rate as a fraction of
+the same run's SDPA rate: the distance to the machine's limit.
 
 Time: the median of R calls after one warm-up call, for the forward (under ``no_grad``) and for
 the forward + backward (``out.backward(g)``, g fixed). All methods run in this one process, round
@@ -40,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -51,12 +66,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clusterfx.apps.common import busy_neighbours
 from clusterfx.bench.limits import check_sizes
 from clusterfx.config.configs import ImprovedClustered
+from clusterfx.ops.common.telemetry import counters
 
 METHODS = ("dense", "clustered", "i-clustered", "topk", "flex", "clustered-paper",
-           "i-clustered-paper")
-OPT_IN = ("flex", "clustered-paper", "i-clustered-paper")  # not run unless asked for
+           "i-clustered-paper", "clustered-torch", "i-clustered-torch", "topk-torch")
+OPT_IN = ("flex", "clustered-paper", "i-clustered-paper", "clustered-torch",
+          "i-clustered-torch", "topk-torch")  # not run unless asked for
+# the op whose telemetry counter tells which implementation ran, per method family
+OPS = {"clustered": "clustered_attention", "i-clustered": "improved_clustered_attention",
+       "topk": "topk_attention"}
 # the paper's clustering (fast-transformers' defaults), for side-by-side cost comparisons
 PAPER_CLUSTERING = {"metric": "euclidean", "iterations": 10, "refine": 0}
 CPU_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -67,14 +88,27 @@ SEED = 0
 _NOISY = 2.0  # slowest / fastest timed run above which a case is listed as noisy
 _ANNOUNCE_S = 30.0  # timed calls expected to take longer get a "started" progress line
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-# (label, method, pass, quantity, N, at least?, bound); checked on CPU runs only
+# (label, method, pass, quantity, N, at least?, bound, condition); checked on CPU runs only.
+# condition: which runs a target applies to -- "quiet" (no --load), "loaded" (--load >= 1),
+# "d64" / "d32" (quiet runs with that --dim), or "any".
 CPU_TARGETS = (
-    ("clustered fwd speed-up at 16k >= 20", "clustered", "fwd", "speedup", 16384, True, 20.0),
-    ("clustered fwd speed-up at 4k >= 4", "clustered", "fwd", "speedup", 4096, True, 4.0),
-    ("i-clustered fwd speed-up at 16k >= 10", "i-clustered", "fwd", "speedup", 16384, True, 10.0),
-    ("clustered fwd t(32k)/t(16k) <= 2.3", "clustered", "fwd", "time_growth", 32768, False, 2.3),
+    ("clustered fwd speed-up at 16k >= 40 (D=64)", "clustered", "fwd", "speedup", 16384, True,
+     40.0, "d64"),
+    ("clustered fwd speed-up at 4k >= 8 (D=64)", "clustered", "fwd", "speedup", 4096, True,
+     8.0, "d64"),
+    ("clustered fwd speed-up at 16k >= 20 (D=32)", "clustered", "fwd", "speedup", 16384, True,
+     20.0, "d32"),
+    ("i-clustered fwd speed-up at 16k >= 20", "i-clustered", "fwd", "speedup", 16384, True,
+     20.0, "quiet"),
+    ("clustered fwd+bwd speed-up at 16k >= 30", "clustered", "fwd+bwd", "speedup", 16384, True,
+     30.0, "quiet"),
+    ("top-k fwd speed-up at 16k >= 1.3", "topk", "fwd", "speedup", 16384, True, 1.3, "quiet"),
+    ("clustered fwd time per doubling from 16k <= 2.2", "clustered", "fwd", "doubling", 16384,
+     False, 2.2, "any"),
+    ("clustered fwd speed-up at 16k >= 20 with a busy neighbour (--load >= 1)", "clustered",
+     "fwd", "speedup", 16384, True, 20.0, "loaded"),
     ("clustered fwd peak(32k)/peak(16k) <= 2.3 (O(N·C))", "clustered", "fwd", "memory_growth",
-     32768, False, 2.3),
+     32768, False, 2.3, "any"),
 )
 
 
@@ -106,6 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time the forward only")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory (on cpu: one subprocess per case)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="start N busy-looping processes for the run (stopped afterwards)")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
 
@@ -113,25 +149,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ what is timed
 def make_method(name: str, clusters: int, topk: int,
                 clustering: dict | None = None) -> Callable:
-    """(q, k, v) -> out for one method, through its public op (impl="auto", fixed seed);
-    ``clustering``: metric / iterations / refine of (i-)clustered (default: the ops')."""
+    """(q, k, v) -> out for one method, through its public op (impl="auto", fixed seed;
+    ``*-torch``: impl="torch"); ``clustering``: metric / iterations / refine of (i-)clustered
+    (default: the ops')."""
     clustering = clustering or {}
+    impl = "auto"
     if name.endswith("-paper"):
         name, clustering = name.removesuffix("-paper"), PAPER_CLUSTERING
+    if name.endswith("-torch"):
+        name, impl = name.removesuffix("-torch"), "torch"
     if name == "dense":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     if name == "clustered":
         from clusterfx.ops.clustered import clustered_attention
         return lambda q, k, v: clustered_attention(q, k, v, clusters=clusters, seed=SEED,
-                                                   impl="auto", **clustering)
+                                                   impl=impl, **clustering)
     if name == "i-clustered":
         from clusterfx.ops.clustered import improved_clustered_attention
         return lambda q, k, v: improved_clustered_attention(q, k, v, clusters=clusters,
-                                                            topk=topk, seed=SEED, impl="auto",
+                                                            topk=topk, seed=SEED, impl=impl,
                                                             **clustering)
     if name == "topk":
         from clusterfx.ops.topk import topk_attention
-        return lambda q, k, v: topk_attention(q, k, v, topk=topk, impl="auto")
+        return lambda q, k, v: topk_attention(q, k, v, topk=topk, impl=impl)
     from torch.nn.attention.flex_attention import flex_attention
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v)
@@ -245,6 +285,8 @@ def _settings(args: argparse.Namespace) -> dict:
     heads, dtype = args.heads or (16 if cuda else 8), args.dtype or (
         "bfloat16" if cuda else "float32")
     check_sizes(sizes, 1, heads, args.dim, dtype, args.device)
+    if args.load < 0:
+        raise ValueError(f"--load ({args.load}) must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     return {"batch": 1, "heads": args.heads or (16 if cuda else 8), "dim": args.dim,
@@ -254,7 +296,7 @@ def _settings(args: argparse.Namespace) -> dict:
             "clusters": args.clusters, "topk": args.topk, "seed": SEED, "impl": "auto",
             "clustering": {"metric": args.metric, "iterations": args.iterations,
                            "refine": args.refine},
-            "budget_s": args.budget, "memory": args.memory,
+            "budget_s": args.budget, "memory": args.memory, "load_processes": args.load,
             "memory_method": (None if not args.memory else "cuda.max_memory_allocated" if cuda
                               else f"subprocess VmHWM - VmRSS, {_MALLOC_ENV}"),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -277,17 +319,49 @@ def _flops(n: int, cfg: dict, backward: bool) -> float:
     return forward * (3.5 if backward else 1.0)
 
 
+def essential_flops(method: str, n: int, cfg: dict, backward: bool) -> float:
+    """The work a method cannot avoid (module docstring), N queries and N keys, Dv = D."""
+    base = method.removesuffix("-paper").removesuffix("-torch")
+    bh, d, kk = cfg["batch"] * cfg["heads"], cfg["dim"], min(cfg["topk"], n)
+    if base in ("dense", "flex"):
+        return _flops(n, cfg, backward)
+    if base == "topk":
+        return 2.0 * bh * n * n * d + 2.0 * bh * n * kk * d * (3.5 if backward else 1.0)
+    spec = PAPER_CLUSTERING if method.endswith("-paper") else cfg["clustering"]
+    c = min(cfg["clusters"], n)
+    clustering = 2.0 * bh * n * d * 63 + spec["refine"] * 2.0 * bh * n * c * d
+    if spec["metric"] == "attention":
+        clustering += 2.0 * cfg["batch"] * cfg["heads"] * min(n, 4096) * d * d
+    attention = 2.0 * bh * c * n * 2 * d
+    if base == "i-clustered":
+        attention += 2.0 * bh * n * kk * 2 * d
+    return clustering + attention * (3.5 if backward else 1.0)
+
+
+def _ran(before: dict, method: str) -> str:
+    """The implementation(s) whose counters moved since ``before`` ("-" for dense/flex)."""
+    op = OPS.get(method.removesuffix("-paper").removesuffix("-torch"))
+    if op is None:
+        return "-"
+    moved = sorted(k.split(".", 1)[1] for k, v in counters.items()
+                   if k.startswith(op + ".") and v > before.get(k, 0))
+    return "+".join(moved) or "?"
+
+
 def measure(cfg: dict, log: Callable[[str], None]) -> list[dict]:
     """Timings (round robin per N, in this process) and peak memory of every case."""
     fns = {m: make_method(m, cfg["clusters"], cfg["topk"], cfg["clustering"])
            for m in cfg["methods"]}
+    cfg.setdefault("ran", {})
     rows = []
     for n in cfg["sizes"]:
         inputs = make_inputs(n, cfg)
         cases = [(m, p) for m in cfg["methods"] for p in cfg["passes"]]
         times, reps, warms = {c: [] for c in cases}, {}, {}
         for m, p in cases:
+            before = dict(counters)
             warms[m, p] = warm = run_once(fns[m], inputs, p == "fwd+bwd")
+            cfg["ran"].setdefault(m, _ran(before, m))
             budget_reps = int(cfg["budget_s"] // max(warm, 1e-9))
             reps[m, p] = max(1, min(cfg["repeats"], budget_reps))
             log(f"N={n} {m} {p} warm-up {warm:.3f}s -> {reps[m, p]} repeat(s)")
@@ -316,6 +390,13 @@ def measure(cfg: dict, log: Callable[[str], None]) -> list[dict]:
                                          if row["peak_bytes"] and dense["peak_bytes"] else None)
         row["tflops"] = (_flops(row["n"], cfg, row["pass"] == "fwd+bwd") / row["median_s"] / 1e12
                          if row["method"] in ("dense", "flex") else None)
+        row["essential_gflop"] = essential_flops(row["method"], row["n"], cfg,
+                                                 row["pass"] == "fwd+bwd") / 1e9
+        row["gflop_per_s"] = row["essential_gflop"] / row["median_s"]
+    for row in rows:
+        dense = next(d for d in rows if d["method"] == "dense" and d["n"] == row["n"]
+                     and d["pass"] == row["pass"])
+        row["rate_vs_dense"] = row["gflop_per_s"] / dense["gflop_per_s"]
     return rows
 
 
@@ -336,20 +417,41 @@ def growth(rows: list[dict]) -> list[dict]:
     return out
 
 
-def evaluate_targets(rows: list[dict], grown: list[dict]) -> list[dict]:
-    """The CPU targets whose numbers were measured: value, bound, met."""
+def run_conditions(cfg: dict) -> set[str]:
+    """Which CPU_TARGETS conditions this run satisfies (module constant CPU_TARGETS)."""
+    loaded = cfg.get("load_processes", 0) >= 1
+    conds = {"any", "loaded" if loaded else "quiet"}
+    if not loaded:
+        conds.add(f"d{cfg['dim']}")
+    return conds
+
+
+def evaluate_targets(rows: list[dict], grown: list[dict],
+                     conditions: set[str] | frozenset[str] = frozenset({"any", "quiet", "d64"})
+                     ) -> list[dict]:
+    """The CPU targets whose numbers were measured and whose condition this run meets:
+    value, bound, met. "doubling" is (t(N_max)/t(N))^(1/log2(N_max/N)), the time factor per
+    doubling of N from N up to the largest size measured."""
     out = []
-    for label, method, pss, quantity, n, at_least, bound in CPU_TARGETS:
-        if quantity == "speedup":
-            hit = [r["speedup_vs_dense"] for r in rows
-                   if (r["method"], r["pass"], r["n"]) == (method, pss, n)]
-        else:
-            key = "time_ratio" if quantity == "time_growth" else "memory_ratio"
-            hit = [g[key] for g in grown if (g["method"], g["pass"], g["to_n"]) == (method, pss, n)
-                   and g["from_n"] == n // 2]
-        if hit and hit[0] is not None:
-            met = hit[0] >= bound if at_least else hit[0] <= bound
-            out.append({"target": label, "value": hit[0], "bound": bound, "met": met})
+    at = {(r["method"], r["pass"], r["n"]): r for r in rows}
+    largest = max((r["n"] for r in rows), default=0)
+    for label, method, pss, quantity, n, at_least, bound, condition in CPU_TARGETS:
+        if condition not in conditions:
+            continue
+        value = None
+        if quantity == "speedup" and (method, pss, n) in at:
+            value = at[method, pss, n]["speedup_vs_dense"]
+        elif quantity == "doubling" and largest > n and (method, pss, n) in at:
+            ratio = at[method, pss, largest]["median_s"] / at[method, pss, n]["median_s"]
+            value = ratio ** (1.0 / math.log2(largest / n))
+        elif quantity == "memory_growth":
+            hit = [g["memory_ratio"] for g in grown if (g["method"], g["pass"], g["to_n"])
+                   == (method, pss, n) and g["from_n"] == n // 2]
+            value = hit[0] if hit else None
+        if value is not None:
+            met = value >= bound if at_least else value <= bound
+            label = label if quantity != "doubling" else f"{label} (to {largest})"
+            out.append({"target": label, "value": value, "bound": bound, "met": met})
     return out
 
 
@@ -362,7 +464,8 @@ def header(cfg: dict) -> str:
             f"metric={cfg['clustering']['metric']} iterations={cfg['clustering']['iterations']} "
             f"refine={cfg['clustering']['refine']} impl=auto "
             f"seed={cfg['seed']}; median of {cfg['repeats']} after a warm-up (fewer where "
-            f"noted); torch {cfg['torch']} ({cfg['cpu_capability']})")
+            f"noted); busy neighbour processes (--load): {cfg['load_processes']}; "
+            f"torch {cfg['torch']} ({cfg['cpu_capability']}); {os.cpu_count()} CPUs")
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -370,20 +473,24 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict], cfg: dict) -> str:
-    """One row per (N, method): times, speed-ups (t_dense/t), peak MiB, dense/method memory."""
+    """One row per (N, method): the implementation that ran, then per pass: time, speed-up
+    (t_dense/t), essential GFLOP/s and that rate over SDPA's, peak MiB, dense/method memory."""
     at = {(r["method"], r["n"], r["pass"]): r for r in rows}
-    cols = ["N", "method"]
+    cols = ["N", "method", "impl"]
     for p in cfg["passes"]:
-        cols += [f"{p} ms", f"{p} speed-up", f"{p} peak MiB", f"{p} mem dense/x"]
+        cols += [f"{p} ms", f"{p} speed-up", f"{p} GFLOP/s", f"{p} rate/SDPA",
+                 f"{p} peak MiB", f"{p} mem dense/x"]
     lines = ["| " + " | ".join(cols + ["repeats"]) + " |",
              "|" + "---|" * (len(cols) + 1)]
+    ran = cfg.get("ran", {})
     for n in cfg["sizes"]:
         for m in cfg["methods"]:
-            cells = [str(n), m]
+            cells = [str(n), m, ran.get(m, "-")]
             for p in cfg["passes"]:
                 r = at[m, n, p]
                 peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
                 cells += [f"{r['median_s'] * 1e3:,.1f}", f"{r['speedup_vs_dense']:.2f}x",
+                          f"{r['gflop_per_s']:,.1f}", f"{r['rate_vs_dense']:.2f}",
                           _cell(peak, ",.1f"), _cell(r["memory_saving_vs_dense"], ".2f")]
             reps = "/".join(str(at[m, n, p]["repeats"]) for p in cfg["passes"])
             lines.append("| " + " | ".join(cells + [reps]) + " |")
@@ -422,10 +529,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr,
                            flush=True)
-    rows = measure(cfg, log)
-    cfg["loadavg"]["end"] = _loadavg()
+    with busy_neighbours(cfg["load_processes"]):
+        if cfg["load_processes"]:
+            log(f"started {cfg['load_processes']} busy-looping neighbour process(es)")
+        rows = measure(cfg, log)
+        cfg["loadavg"]["end"] = _loadavg()
     grown = growth(rows)
-    targets = evaluate_targets(rows, grown) if cfg["device"] == "cpu" else []
+    targets = (evaluate_targets(rows, grown, run_conditions(cfg)) if cfg["device"] == "cpu"
+               else [])
     table = markdown_table(rows, cfg)
     notes = summary_lines(rows, grown, targets, cfg)
     print(header(cfg), table, *notes, sep="\n")

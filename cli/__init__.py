@@ -20,6 +20,7 @@ from typing import Any
 
 from clusterfx.apps.common import BACKENDS, compile_and_run
 from clusterfx.apps.demo import run_demo
+from clusterfx.apps.digits import add_parser as add_train_parser
 from clusterfx.apps.thc import command as thc_command
 from clusterfx.bench import BENCHMARKS
 from clusterfx.cli.loading import build_inputs, build_model, parse_policy
@@ -84,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compile a reference model with a per-layer policy")
     demo.add_argument("--model", choices=sorted(MODEL_FACTORIES), default="bert")
     demo.add_argument("--layers", type=int, default=8)
-    demo.add_argument("--seq-len", type=int, default=4096)
+    demo.add_argument("--seq-len", type=int, default=8192)
     demo.add_argument("--out", default="clusterfx-out", help="folder for reports and dumps")
     demo.add_argument("--backend", choices=BACKENDS, default="inductor")
+    demo.add_argument("--load", type=int, default=0, metavar="N",
+                      help="run N busy-looping processes beside the timings (stopped after)")
     demo.set_defaults(func=run_demo)
 
     exp = sub.add_parser("explain", help="print the attention sites found and what was done")
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = bench_sub.add_parser(name, help=entry.help)
         entry.add_arguments(p)
         p.set_defaults(func=entry.run)
+    add_train_parser(sub)  # clusterfx train digits --model ...
     return parser
 
 

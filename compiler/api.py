@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,17 @@ import torch.fx as fx
 from clusterfx.compiler.backend import LAST_STATE, ClusterfxBackend, check_backend
 from clusterfx.compiler.capture import own_dynamic_state, watching
 from clusterfx.compiler.mesh import mesh_key
+from clusterfx.compiler.mesh import resolve as resolve_mesh
 from clusterfx.compiler.pass_manager import check_stop_after
-from clusterfx.compiler.report import Report, Row
+from clusterfx.compiler.report import (
+    Report,
+    Row,
+    sequence_parallel_summary,
+    sequence_parallel_traffic,
+)
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
 from clusterfx.config.vocabulary import PolicyError
-from clusterfx.passes.sequence_parallel import NOT_AVAILABLE
 
 
 @contextlib.contextmanager
@@ -118,6 +122,10 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     `strict=True`: a config that cannot apply raises while compiling; a policy key that
     matches no site raises at the first call; so does a call dynamo did not hand to clusterfx.
     `dump_dir`: write each graph's code before/after every pass and SVG pictures of each site.
+    `mesh`: sequence parallelism over torch.distributed (see `compiler/mesh.py`): a
+    `cfx.SequenceParallel(ulysses=, ring=, ...)`, a DeviceMesh with dims "ulysses"/"ring", or
+    both as a pair; every rank then calls the model with the same whole inputs (shapes are
+    static: each new length compiles again).
     Other keyword arguments (`dynamic`, `fullgraph`, `mode`, `options`...) go to torch.compile.
 
     Every call is watched: when dynamo does not hand (part of) a call to clusterfx (a
@@ -132,14 +140,18 @@ def compile(model: Any, policy: Any = None, backend: str = "inductor", mesh: Any
     dump = _check_dump_dir(dump_dir)
     key = mesh_key(mesh)
     if key is not None:
-        warnings.warn(f"mesh={mesh!r}: {NOT_AVAILABLE}", stacklevel=2)
-    state = CompileState(resolved, backend, dump, mesh=mesh, mesh_key=key,
-                         module_paths=_module_paths(model),
-                         causal_modules=_causal_modules(model))
+        # sequence parallelism: resolved against the process group now (errors before any
+        # work); static shapes, so that every length is sharded with literal sizes
+        torch_compile_kwargs.setdefault("dynamic", False)
     for name in ("isolate_recompiles", "backend"):
         if name in torch_compile_kwargs:
             raise TypeError(f"compile() sets torch.compile's {name!r} itself; got "
                             f"{name}={torch_compile_kwargs[name]!r}")
+    state = CompileState(resolved, backend, dump, mesh=mesh, mesh_key=key,
+                         resolved_mesh=resolve_mesh(mesh),
+                         root=model if isinstance(model, torch.nn.Module) else None,
+                         module_paths=_module_paths(model),
+                         causal_modules=_causal_modules(model))
     compiled = torch.compile(model, backend=ClusterfxBackend(state), isolate_recompiles=True,
                              **torch_compile_kwargs)
     if isinstance(model, torch.nn.Module):
@@ -199,6 +211,7 @@ def transform(model: Any, example_inputs: Any, policy: Any = None, *,
     resolved = Policy.make(policy, strict=strict)
     check_stop_after(stop_after)
     state = CompileState(resolved, "eager", stop_after=stop_after,
+                         root=model if isinstance(model, torch.nn.Module) else None,
                          module_paths=_module_paths(model),
                          causal_modules=_causal_modules(model))
     captured: list[fx.GraphModule] = []
@@ -222,14 +235,17 @@ def _report(state: CompileState) -> Report:
     records = state.latest_records()
     # a recompiled graph replaces its earlier record; its sites keep their telemetry names,
     # so run-time path counts of all versions add up
-    rows = [Row(site, state.telemetry.paths(site.runtime_tag) if site.runtime_tag else {})
+    rows = [Row(site, state.telemetry.paths(site.runtime_tag) if site.runtime_tag else {},
+                sequence_parallel_traffic(site.sequence_parallel.tag)
+                if site.sequence_parallel is not None else {})
             for rec in records for site in rec.sites]
     paths = [r.fqn for r in rows]
     return Report(rows=rows, unmatched_keys=state.policy.unmatched_keys(paths),
                   graphs=len(records), compiles=len(state.records), calls=state.calls,
                   capture_problems=dict(state.capture_problems),
                   pass_seconds=sum(sum(r.pass_seconds.values()) for r in records),
-                  policy=state.policy.to_dict())
+                  policy=state.policy.to_dict(),
+                  sequence_parallel=sequence_parallel_summary(records, state.resolved_mesh))
 
 
 def _checked(state: CompileState) -> Report:

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from clusterfx.compiler.capture import count_runs
+from clusterfx.compiler.install import lift_installed, with_parameters
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
 from clusterfx.passes.analysis.graph_utils import frame_sources, rebase_module_paths
@@ -93,13 +94,21 @@ class ClusterfxBackend:
         pass_ctx = PassContext(concrete=dict(zip(placeholders, example_inputs)),
                                graph_index=index, compile_id=f"{_frame_key()}/{n}",
                                tag_prefix=self.state.telemetry.token,
-                               causal_modules=self.state.causal_modules)
+                               causal_modules=self.state.causal_modules, root=self.state.root)
         record = self.state.manager.run(gm, pass_ctx, self.state.stop_after,
                                         self.state.dump_dir)
         with self.state.lock:
             self.state.records.append(record)
-        return count_runs(_downstream(self.state.backend, gm, example_inputs, mode, options,
-                                      self.state.cache_key()), self.state)
+        lifted = lift_installed(gm)  # modules a rewrite added to the model (compiler/install)
+        if lifted is None:
+            compiled = _downstream(self.state.backend, gm, example_inputs, mode, options,
+                                   self.state.cache_key())
+        else:
+            gm, params, examples = lifted
+            compiled = with_parameters(_downstream(self.state.backend, gm,
+                                                   [*example_inputs, *examples], mode, options,
+                                                   self.state.cache_key()), params)
+        return count_runs(compiled, self.state)
 
 
 class CacheStamp(CustomGraphPass):

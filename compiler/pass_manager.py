@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch.fx as fx
 
+from clusterfx.config.parallel import ResolvedMesh
 from clusterfx.config.policy import Policy
 from clusterfx.passes.base import GraphPass, PassContext, PassResult
 from clusterfx.passes.canonicalize import Canonicalize
@@ -57,10 +58,11 @@ class PassManager:
         self.passes = passes
 
     @classmethod
-    def configure(cls, policy: Policy, mesh_key: str | None = None) -> PassManager:
+    def configure(cls, policy: Policy, mesh_key: str | None = None,
+                  mesh: ResolvedMesh | None = None) -> PassManager:
         passes: list[GraphPass] = [InlineMHA(), Canonicalize(), LowerAttention(policy)]
         if mesh_key is not None:
-            passes.append(SequenceParallelPass(mesh_key))
+            passes.append(SequenceParallelPass(mesh_key, mesh))
         return cls(passes)
 
     @property

@@ -32,6 +32,29 @@ class Row:
     # which path the rewritten op took at run time, and how often (approximate, or exact below
     # `min_length` / for a mask that is not key padding), with the implementation that ran
     paths: dict[str, int] = field(default_factory=dict)
+    # sequence parallelism: what this rank's collectives of the site sent, as counted at run
+    # time ("<collective>.<phase>.bytes" / ".calls", "pairs": unmasked (q, k) pairs computed)
+    traffic: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sequence_parallel(self) -> Any:
+        """The site's SequenceParallelRecord (mode, collectives, planned bytes), or None."""
+        return self.site.sequence_parallel
+
+    def measured_bytes_per_step(self, phase: str) -> float | None:
+        """Bytes this rank sent per step in `phase`, from the run-time counts (None before a
+        run): the totals divided by the number of steps the first collective counts."""
+        record = self.sequence_parallel
+        if record is None or not record.collectives or not self.traffic:
+            return None
+        first = record.collectives[0]
+        key = "all_to_all" if first.name == "all_to_all" else "k,v"
+        calls = self.traffic.get(f"{key}.fwd.calls", 0)
+        if not calls:
+            return None
+        steps = calls / first.count
+        total = sum(v for k, v in self.traffic.items() if k.endswith(f".{phase}.bytes"))
+        return total / steps
 
     @property
     def fqn(self) -> str:
@@ -99,6 +122,8 @@ class Row:
             "probs_used_by": list(s.probs_used_by), "graph": s.graph_index,
             "config": None if s.config is None else s.config.to_dict(),
             "paths": self.paths, "min_length": s.min_length, "crossover": s.crossover, **costs,
+            **({"sequence_parallel": {**s.sequence_parallel.to_dict(), "traffic": self.traffic}}
+               if s.sequence_parallel is not None else {}),
         }
 
     def cells(self) -> list[str]:
@@ -115,8 +140,19 @@ class Row:
             mask += f" {s.mask_kind}" + (" (observed)" if s.mask_observed else "")
         causal = "yes" if s.causal else ("queries" if s.causal_queries else "no")
         ran = ", ".join(f"{path} x{n}" for path, n in self.paths.items())
-        return [s.fqn or "<root>", s.spelling, shapes, mask, causal,
-                s.rewrite, self.status.value, flops, memory, ran, self.reason]
+        cells = [s.fqn or "<root>", s.spelling, shapes, mask, causal,
+                 s.rewrite, self.status.value, flops, memory, ran, self.reason]
+        if s.sequence_parallel is not None:
+            record = s.sequence_parallel
+            text = record.summary()
+            measured = self.measured_bytes_per_step("fwd")
+            if measured is not None:
+                text += (f" (ran: {_human(measured)}B fwd + "
+                         f"{_human(self.measured_bytes_per_step('bwd'))}B bwd)")
+            if record.reason:
+                text += f"; {record.reason}"
+            cells.append(text)
+        return cells
 
 
 def _jsonable(x: Any) -> Any:
@@ -134,6 +170,9 @@ class Report:
     calls: int = 0  # calls of the compiled model (0 for transform / the named backend)
     # why (part of) a call ran uncompiled, dense and unreported -> number of calls
     capture_problems: dict[str, int] = field(default_factory=dict)
+    # with a mesh: {"mesh": description, "seq_len": S, "outside": [what, node, collective,
+    # why] the pass inserted outside the attention sites, "traffic": their run-time counts}
+    sequence_parallel: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -144,12 +183,18 @@ class Report:
     def __getitem__(self, i: int) -> Row:
         return self.rows[i]
 
+    def _columns(self) -> list[str]:
+        sp = any(r.site.sequence_parallel is not None for r in self.rows)
+        return list(_COLUMNS) + (["parallel"] if sp else [])
+
     def _table(self) -> list[list[str]]:
-        return [list(_COLUMNS)] + [r.cells() for r in self.rows]
+        columns = self._columns()
+        return [columns] + [r.cells() + [""] * (len(columns) - len(r.cells()))
+                            for r in self.rows]
 
     def __str__(self) -> str:
         table = self._table()
-        widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                  for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -163,12 +208,27 @@ class Report:
             text += f"\npolicy keys that matched no site: {', '.join(self.unmatched_keys)}"
         for cause, n in self.capture_problems.items():
             text += f"\nNOT CAPTURED in {n} of {self.calls} call(s): {cause}"
+        sp = self.sequence_parallel
+        if sp:
+            text += f"\nsequence parallel: {sp['mesh']}, sequence length {sp['seq_len']}"
+            groups: dict[tuple[str, str], list[str]] = {}
+            for what, node, collective, why in sp["outside"]:
+                groups.setdefault((what, collective), []).append(
+                    node if what == "gradient sum" else f"{node} ({why})")
+            for (what, collective), nodes in groups.items():
+                shown = ", ".join(nodes[:3]) + (f", ... ({len(nodes)} in all)"
+                                                if len(nodes) > 3 else "")
+                text += f"\n  {what}: {collective} at {shown}"
+            sent = {k: v for k, v in sp.get("traffic", {}).items() if k.endswith("bytes")}
+            if sent:
+                text += "\n  outside the sites, sent so far: " + ", ".join(
+                    f"{k[:-6]} {_human(v)}B" for k, v in sorted(sent.items()))
         return text
 
     def to_markdown(self) -> str:
         table = self._table()
         esc = [[cell.replace("|", "\\|") for cell in row] for row in table]
-        lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(_COLUMNS)]
+        lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])]
         lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
         return "\n".join(lines) + "\n\n" + self._footer() + "\n"
 
@@ -176,4 +236,34 @@ class Report:
         return {"sites": [r.to_dict() for r in self.rows], "unmatched_keys": self.unmatched_keys,
                 "graphs": self.graphs, "compiles": self.compiles,
                 "pass_seconds": self.pass_seconds, "policy": self.policy, "calls": self.calls,
-                "capture_problems": self.capture_problems}
+                "capture_problems": self.capture_problems,
+                **({"sequence_parallel": self.sequence_parallel}
+                   if self.sequence_parallel else {})}
+
+
+def sequence_parallel_traffic(tag: str) -> dict[str, int]:
+    """Run-time counts of the sequence-parallel collectives issued under `tag` (this rank)."""
+    from clusterfx.ops.sequence_parallel import traffic
+
+    return dict(traffic.get(tag, {}))
+
+
+def sequence_parallel_summary(records: list, mesh: Any) -> dict[str, Any] | None:
+    """The report's sequence-parallel section from the pass results of the graphs."""
+    if mesh is None:
+        return None
+    outside, seq_lens, tags = [], set(), set()
+    for rec in records:
+        for result in rec.results:
+            if hasattr(result, "outside"):
+                outside += [(o.what, o.node, o.collective, o.why) for o in result.outside]
+                if result.seq_len:
+                    seq_lens.add(result.seq_len)
+                if result.tag:
+                    tags.add(result.tag)
+    traffic: dict[str, int] = {}
+    for tag in tags:
+        for key, value in sequence_parallel_traffic(tag).items():
+            traffic[key] = traffic.get(key, 0) + value
+    return {"mesh": mesh.describe(), "seq_len": sorted(seq_lens) or None,
+            "outside": outside, "traffic": traffic}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterfx.compiler.pass_manager import GraphRecord, PassManager
+from clusterfx.config.parallel import ResolvedMesh
 from clusterfx.config.policy import Policy
 from clusterfx.ops.common.telemetry import SiteCounts, new_sink
 
@@ -22,6 +23,8 @@ class CompileState:
     stop_after: str | None = None
     mesh: Any = None
     mesh_key: str | None = None
+    root: Any = None  # the compiled nn.Module, where rewrites install learnable modules
+    resolved_mesh: ResolvedMesh | None = None
     records: list[GraphRecord] = field(default_factory=list)
     # call-time capture watch (compiler/capture.py): calls of the compiled model, runs of the
     # graphs clusterfx compiled, and why a call (or part of one) ran uncompiled
@@ -40,7 +43,7 @@ class CompileState:
     manager: PassManager = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.manager = PassManager.configure(self.policy, self.mesh_key)
+        self.manager = PassManager.configure(self.policy, self.mesh_key, self.resolved_mesh)
 
     def cache_key(self) -> str:
         """Enters Inductor's cache key: the passes' uuids (sources, policy, mesh)."""

@@ -175,15 +175,58 @@ class TopK(AttentionConfig):
         _positive_int("TopK", "chunk_size", self.chunk_size)
 
 
+_PACA_CLUSTERINGS = ("conv", "mlp", "linear")
+_PACA_INITS = ("pool", "random")
+
+
 @dataclass(frozen=True)
 class PatchToCluster(AttentionConfig):
-    """Patch-to-cluster attention (PaCa-ViT): N queries attend to M learned cluster tokens."""
+    """Patch-to-cluster attention (PaCa-ViT, Grainger et al. 2023): the patch queries attend to
+    M cluster tokens, each a learned softmax-weighted average of the patches; O(N·M) per head.
+
+    Applies to dense self-attention over an H×W patch grid preceded by class/register tokens,
+    in any vision transformer (the site's q, k and v must be linear projections of the same
+    tokens). The rewrite adds one learnable clustering module per site to the compiled model,
+    at `<attention module path>.paca_clustering` (see `ops/paca/clustering.py`).
+
+    `clusters`: M >= 1. `clustering`: the module computing the cluster logits from the
+    attention's input tokens: "conv" (depthwise 7x7 + 1x1 convs, the paper's default), "mlp"
+    or "linear". `grid`: (H, W) of the patches; None reads it from the model (a submodule with
+    `grid_size`, or `image_size` and `patch_size`). `prefix_tokens`: the class/register tokens
+    before the patches (they attend and are attended exactly); None takes N - H·W, which must
+    be between 0 and 16. `init`: "pool" (default: the module starts as M average-pooled
+    regions of the grid, so a rewritten pretrained model starts close to its dense self) or
+    "random" (the paper's initialisation).
+    """
 
     name: ClassVar[str] = "patch_to_cluster"
     clusters: int = 49
+    clustering: str = "conv"
+    grid: tuple[int, int] | None = None
+    prefix_tokens: int | None = None
+    init: str = "pool"
 
     def __post_init__(self) -> None:
         _positive_int("PatchToCluster", "clusters", self.clusters)
+        if self.clustering not in _PACA_CLUSTERINGS:
+            raise ValueError(f"PatchToCluster: clustering ({self.clustering!r}) must be one of "
+                             f"{_PACA_CLUSTERINGS}")
+        if self.grid is not None:
+            grid = self.grid
+            if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+                raise ValueError(f"PatchToCluster: grid ({grid!r}) must be None or (H, W), "
+                                 f"two positive ints")
+            for value in grid:
+                _positive_int("PatchToCluster", "grid", value)
+            object.__setattr__(self, "grid", (int(grid[0]), int(grid[1])))  # JSON gives lists
+        prefix = self.prefix_tokens
+        if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int)
+                                   or prefix < 0):
+            raise ValueError(f"PatchToCluster: prefix_tokens ({prefix!r}) must be None or an "
+                             f"int >= 0")
+        if self.init not in _PACA_INITS:
+            raise ValueError(f"PatchToCluster: init ({self.init!r}) must be one of "
+                             f"{_PACA_INITS}")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,14 @@
 per sequence (times `data_parallel` replicas = the world size). Ulysses groups are contiguous
 ranks, ring groups strided (USP's layout), so the all-to-all stays inside the fastest links.
 It is plain data (no torch.distributed here); the compiler resolves it against the process
-group, and it hashes into the compile cache key.
+group (into a `ResolvedMesh`: group names and degrees), and it hashes into the compile cache
+key.
+
+`sequence_inputs` names the model inputs that carry the sequence, with their sequence dim
+(`{"input_ids": 1, "labels": 1}`), when finding them by size is ambiguous; by default every
+input with exactly one dim of the attention's sequence length is sharded along it.
+`timeout`: seconds any collective may take before every rank ends with an error.
+`impl`: the ring blocks' implementation ("auto", "cpu", "reference").
 """
 
 from __future__ import annotations
@@ -16,6 +23,20 @@ from dataclasses import dataclass
 from typing import Any
 
 LOAD_BALANCES = ("zigzag", "none")
+IMPLS = ("auto", "cpu", "reference")
+
+
+def _inputs(value: Any) -> tuple[tuple[str, int], ...] | None:
+    """`{name: dim}` (or pairs) as a sorted tuple; ValueError naming what is accepted."""
+    if value is None:
+        return None
+    pairs = list(value.items()) if isinstance(value, dict) else list(value)
+    ok = all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+             and isinstance(p[1], int) and not isinstance(p[1], bool) for p in pairs)
+    if not ok or not pairs:
+        raise ValueError(f"SequenceParallel: sequence_inputs ({value!r}) must be a non-empty "
+                         f"dict {{input name: sequence dim}}, e.g. {{'input_ids': 1}}")
+    return tuple(sorted((str(n), int(d)) for n, d in pairs))
 
 
 def _degree(name: str, value: Any) -> None:
@@ -32,6 +53,9 @@ class SequenceParallel:
     load_balance: str = "zigzag"
     gather_output: bool = True
     data_parallel: int = 1
+    sequence_inputs: Any = None  # {name: dim}; stored as a sorted tuple of (name, dim)
+    timeout: float = 300.0
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _degree("ulysses", self.ulysses)
@@ -43,6 +67,14 @@ class SequenceParallel:
         if not isinstance(self.gather_output, bool):
             raise ValueError(f"SequenceParallel: gather_output ({self.gather_output!r}) must "
                              f"be a bool")
+        object.__setattr__(self, "sequence_inputs", _inputs(self.sequence_inputs))
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or (
+                not 0 < self.timeout < float("inf")):
+            raise ValueError(f"SequenceParallel: timeout ({self.timeout!r}) must be a positive "
+                             f"number of seconds")
+        object.__setattr__(self, "timeout", float(self.timeout))
+        if self.impl not in IMPLS:
+            raise ValueError(f"SequenceParallel: impl ({self.impl!r}) must be one of {IMPLS}")
 
     @property
     def sequence_degree(self) -> int:
@@ -54,11 +86,45 @@ class SequenceParallel:
         return self.sequence_degree * self.data_parallel
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "sequence_parallel", **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        if self.sequence_inputs is not None:
+            d["sequence_inputs"] = dict(self.sequence_inputs)
+        return {"type": "sequence_parallel", **d}
 
     def cache_key(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-__all__ = ["LOAD_BALANCES", "SequenceParallel"]
+@dataclass(frozen=True)
+class ResolvedMesh:
+    """A mesh resolved against the running process group: what the sequence-parallel pass
+    needs, by value. Group names are c10d's (`ProcessGroup.group_name`); "" for a degree of 1.
+    `ranks` lists the global ranks sharing this rank's sequence in (ring, ulysses) order."""
+
+    ulysses: int
+    ring: int
+    ulysses_group: str
+    ring_group: str
+    load_balance: str = "zigzag"
+    gather_output: bool = True
+    sequence_inputs: tuple[tuple[str, int], ...] | None = None
+    timeout: float = 300.0
+    impl: str = "auto"
+    ranks: tuple[int, ...] = ()
+    world_size: int = 1
+
+    @property
+    def sequence_degree(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def zigzag(self) -> bool:
+        return self.load_balance == "zigzag"
+
+    def describe(self) -> str:
+        return (f"ulysses={self.ulysses} x ring={self.ring} over ranks {list(self.ranks)} "
+                f"(load_balance={self.load_balance})")
+
+
+__all__ = ["IMPLS", "LOAD_BALANCES", "ResolvedMesh", "SequenceParallel"]

@@ -7,6 +7,8 @@ import torch
 
 from .bert import Bert, bert_tiny
 from .gpt import GPT, gpt_tiny
+from .paca_vit import PaCaViT, paca_vit_small, paca_vit_tiny
+from .tcformer import MTANeck, TCFormer, tcformer, tcformer_light
 from .thc import (
     GCN,
     THC,
@@ -26,6 +28,9 @@ __all__ = [
     "GPT",
     "THC",
     "Bert",
+    "MTANeck",
+    "PaCaViT",
+    "TCFormer",
     "FlatTransformer",
     "THCOutput",
     "ViT",
@@ -37,6 +42,10 @@ __all__ = [
     "bert_tiny",
     "example_inputs",
     "gpt_tiny",
+    "paca_vit_small",
+    "paca_vit_tiny",
+    "tcformer",
+    "tcformer_light",
     "vit_tiny",
 ]
 

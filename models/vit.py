@@ -93,6 +93,7 @@ class ViT(nn.Module):
                 f"image_size ({image_size}) must be divisible by patch_size ({patch_size})"
             )
         self.image_size = image_size
+        self.grid_size = (image_size // patch_size, image_size // patch_size)  # patch rows, cols
         self.num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)

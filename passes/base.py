@@ -28,8 +28,8 @@ from clusterfx.passes.site import Site
 @dataclass
 class PassContext:
     """What every pass of one captured graph may read: the graph's concrete example inputs (by
-    placeholder), its index and compile id, the sites found so far, and how to name a site for
-    the run-time telemetry (`tag`)."""
+    placeholder), its index and compile id, the sites found so far, how to name a site for
+    the run-time telemetry (`tag`), and the compiled module (`root`)."""
 
     concrete: dict[fx.Node, Any] = field(default_factory=dict)
     graph_index: int = 0
@@ -39,6 +39,9 @@ class PassContext:
     # module path -> why it declares a causal query stream (`is_causal` / `is_decoder` set on
     # the module, as Hugging Face attention modules do); see passes/analysis/causality.py
     causal_modules: dict[str, str] = field(default_factory=dict)
+    # the user's nn.Module being compiled (None for a plain function): rewrites that add
+    # learnable modules (PatchToCluster) install them on it (passes/installed.py)
+    root: Any = None
 
     def tag(self, site: Site, number: int) -> str:
         """The telemetry tag of the `number`-th run-time site of this graph. Stable across

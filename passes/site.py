@@ -83,6 +83,8 @@ class Site:
     min_length: int | None = None  # keys below which the rewritten op runs exact attention
     crossover: int | None = None  # Auto: the cost model's crossover length
     runtime_tag: str | None = None  # the telemetry name of the site's op (run-time paths)
+    # filled by the sequence-parallel pass (a SequenceParallelRecord): mode, collectives, bytes
+    sequence_parallel: Any = None
 
     def mark(self, status: Status, reason: str = "", rewrite: str | None = None) -> None:
         self.status = status

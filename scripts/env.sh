@@ -27,3 +27,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+# The fused C++ CPU kernels (ops/*/csrc): built with the system C++ compiler into a cache under
+# the venv, keyed by sources, flags, compiler and CPU, so an unchanged checkout rebuilds nothing.
+export CLUSTERFX_NATIVE_DIR="${CLUSTERFX_NATIVE_DIR:-$VENV/clusterfx-native}"
+"$VENV/bin/python" -m clusterfx.ops.build

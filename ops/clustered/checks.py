@@ -6,12 +6,15 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.common.checks import (
+    NATIVE_IMPLS,
     check_float,
-    check_impl,
     check_positive_int,
     check_same,
     check_scale,
     check_valid,
+)
+from clusterfx.ops.common.checks import (
+    check_impl as _check_impl,
 )
 
 
@@ -51,6 +54,11 @@ def spare_clusters(clusters: int, q) -> int:
     """Clusters the clustering ops work with: `clamped_clusters` plus the spare cluster that
     holds the queries kept out of the clustering (ops/clustered/nonfinite.py)."""
     return clamped_clusters(clusters, q) + 1
+
+
+def check_impl(impl) -> None:
+    """One of ``NATIVE_IMPLS``: "auto", "reference", "cpu" (fused C++), "torch", "triton"."""
+    _check_impl(impl, NATIVE_IMPLS)
 
 
 def check_topk(topk) -> None:

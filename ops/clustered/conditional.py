@@ -1,7 +1,7 @@
 """`clusterfx::conditional_attention`: a rewritten attention site, deciding its path per call.
 
-    out, assignments, path = conditional_attention(q, k, v, attn_mask, scale, method, *spec,
-                                                   topk, min_length, impl, site)
+    out, assignments, path, idx = conditional_attention(q, k, v, attn_mask, scale, method,
+                                                        *spec, topk, min_length, impl, site)
 
 (``*spec``: the fields of a ``ClusteringSpec``.) Per call, on the concrete inputs (so no
 recompile at any new length):
@@ -14,14 +14,16 @@ recompile at any new length):
 The path taken and the implementation are counted for `site` (a telemetry tag: the compile
 that emitted the op owns the counts; see `clusterfx.ops.common.telemetry`).
 
-Gradients: the discrete choices (path, cluster assignments, top-k) are held fixed; the backward
-recomputes the chosen path's differentiable part with `torch.func.vjp` inside
-`clusterfx::conditional_attention_backward`, an opaque op (so compiled training works too).
+Gradients: the discrete choices (path, cluster assignments, top-k indices) are held fixed; the
+backward runs inside `clusterfx::conditional_attention_backward`, an opaque op (so compiled
+training works too): the fused clustered backward kernel, or the chosen path's differentiable
+part recomputed and differentiated with `torch.func.vjp` (`registration.attention_grads`).
 No gradient flows to `attn_mask`; the lowering declines masks that require grad.
 
 Shapes: q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), H a multiple of Hk; attn_mask
 broadcastable to (B, H, Nq, Nk), bool (True = attend) or additive → out (B, H, Nq, Dv),
-assignments (B, H, Nq) int64 (zeros on exact paths), path () int64.
+assignments (B, H, Nq) int64 (zeros on exact paths), path () int64, idx (B, H, C,
+min(topk, Nk)) int64: i-clustered's top-k keys per cluster (zeros otherwise).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from clusterfx.ops.clustered import checks, registration
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.degenerate import degenerate_attention, is_degenerate
-from clusterfx.ops.common.dispatch import resolve_impl
 
 PATHS = ("approximate", "exact: shorter than min_length", "exact: mask is not key padding",
          "exact: empty input")
@@ -56,6 +57,11 @@ def key_padding(mask: Tensor | None, batch: int, keys: int) -> tuple[bool, Tenso
     return True, first.reshape(first.shape[0], first.shape[-1]).expand(batch, keys)
 
 
+def _idx_shape(q: Tensor, k: Tensor, clusters: int, topk: int) -> tuple:
+    """i-clustered's top-k indices: one row per (clamped) cluster and the spare one."""
+    return (*q.shape[:2], checks.spare_clusters(clusters, q), min(topk, k.shape[2]))
+
+
 def _dense(q, k, v, mask, scale):
     if is_degenerate(q, k, v):  # a zero-size dim: empty output, or zeros with no key
         return degenerate_attention(q, k, v, mask, False, scale)
@@ -67,19 +73,20 @@ def conditional_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, method: str,
     clusters: int, iterations: int, bits: int, seed: int, clustering: str, refine: int,
     metric: str, topk: int, min_length: int, impl: str, site: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if method not in METHODS:
         raise ValueError(f"method ({method!r}) must be one of {METHODS}")
     spec = ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
     batch, heads, nq = q.shape[:3]
     assignments = torch.zeros(batch, heads, nq, dtype=torch.int64, device=q.device)
+    idx = torch.zeros(_idx_shape(q, k, clusters, topk), dtype=torch.int64, device=q.device)
     path = 1
     if is_degenerate(q, k, v):
         path = 3
     elif k.shape[2] >= min_length:
         ok, keep = key_padding(attn_mask, batch, k.shape[2])
         path = 0 if ok else 2
-    backend = "dense" if path else resolve_impl(impl, q.device)
+    backend = "dense" if path else registration.resolve(impl, q.device)
     telemetry.record("conditional_attention", backend, site=site,
                      path=PATHS[path] + ("" if path else f" [{backend}]"))
     if path:
@@ -88,45 +95,44 @@ def conditional_attention(
         out, assignments = torch.ops.clusterfx.clustered_attention(
             q, k, v, keep, scale, *spec.to_args(), impl)
     else:
-        out, assignments, _ = torch.ops.clusterfx.improved_clustered_attention(
+        out, assignments, idx = torch.ops.clusterfx.improved_clustered_attention(
             q, k, v, keep, scale, *spec.to_args(), topk, impl)
     # contiguous, as the fake kernel promises (SDPA may return a transposed layout)
-    return out.contiguous(), assignments, torch.tensor(path, dtype=torch.int64)
+    return (out.contiguous(), assignments, torch.tensor(path, dtype=torch.int64),
+            idx.contiguous())
 
 
 @conditional_attention.register_fake
 def _(q, k, v, attn_mask, scale, method, clusters, iterations, bits, seed, clustering, refine,
       metric, topk, min_length, impl, site):
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    return out, q.new_empty(q.shape[:3], dtype=torch.int64), q.new_empty((), dtype=torch.int64)
+    return (out, q.new_empty(q.shape[:3], dtype=torch.int64),
+            q.new_empty((), dtype=torch.int64),
+            q.new_empty(_idx_shape(q, k, clusters, topk), dtype=torch.int64))
 
 
 @torch.library.custom_op("clusterfx::conditional_attention_backward", mutates_args=())
 def conditional_attention_backward(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-    assignments: Tensor, path: Tensor, scale: float, method: str, clusters: int, topk: int,
-    impl: str,
+    assignments: Tensor, path: Tensor, idx: Tensor, scale: float, method: str, clusters: int,
+    topk: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Autograd is off inside an op's kernel; torch.func.vjp differentiates regardless.
     if int(path):
         fn = lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, scale)  # noqa: E731
+        _, vjp = torch.func.vjp(fn, q, k, v)
+        dq, dk, dv = vjp(grad.contiguous())
     else:
         _, keep = key_padding(attn_mask, q.shape[0], k.shape[2])
-        mod = registration.differentiable(impl)
         clusters = checks.spare_clusters(clusters, q)  # as the forward used
-        if method == "clustered":
-            fn = lambda q_, k_, v_: mod.clustered_attention_from_assignments(  # noqa: E731
-                q_, k_, v_, assignments, clusters, keep, scale)
-        else:
-            fn = lambda q_, k_, v_: mod.improved_clustered_attention_from_assignments(  # noqa
-                q_, k_, v_, assignments, clusters, keep, scale, topk)[0]
-    _, vjp = torch.func.vjp(fn, q, k, v)
-    dq, dk, dv = vjp(grad.contiguous())
+        dq, dk, dv = registration.attention_grads(
+            impl, grad, q, k, v, assignments, clusters, keep, scale,
+            *((None, None) if method == "clustered" else (idx.shape[-1], idx)))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @conditional_attention_backward.register_fake
-def _(grad, q, k, v, attn_mask, assignments, path, scale, method, clusters, topk, impl):
+def _(grad, q, k, v, attn_mask, assignments, path, idx, scale, method, clusters, topk, impl):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -134,14 +140,14 @@ def _(grad, q, k, v, attn_mask, assignments, path, scale, method, clusters, topk
 
 def _setup(ctx, inputs, output):
     q, k, v, mask, scale, method, clusters, *_spec, topk, _min_length, impl, _site = inputs
-    ctx.save_for_backward(q, k, v, mask, output[1], output[2])
+    ctx.save_for_backward(q, k, v, mask, output[1], output[2], output[3])
     ctx.args = (scale, method, clusters, topk, impl)
 
 
-def _backward(ctx, grad, _grad_assignments, _grad_path):
-    q, k, v, mask, assignments, path = ctx.saved_tensors
+def _backward(ctx, grad, _grad_assignments, _grad_path, _grad_idx):
+    q, k, v, mask, assignments, path, idx = ctx.saved_tensors
     dq, dk, dv = torch.ops.clusterfx.conditional_attention_backward(
-        grad, q, k, v, mask, assignments, path, *ctx.args)
+        grad, q, k, v, mask, assignments, path, idx, *ctx.args)
     return (dq, dk, dv) + (None,) * 14
 
 

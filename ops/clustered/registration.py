@@ -11,12 +11,18 @@ refine, metric)::
     improved_clustered_attention_from_assignments(q, k, v, assignments, mask, C, topk, scale,
                                                   impl) -> (out, idx)
 
+Implementations (``impl``) and their modules: "reference" → ``reference.py``, "cpu" →
+``fused.py`` (the C++ kernels), "torch" → ``cpu.py`` (vectorised torch), "triton" →
+``triton.py``; "auto" resolves as ``clusterfx.ops.common.dispatch.resolve_impl`` says.
+
 The discrete choices (assignments, top-k indices ``idx`` (B,H,C,k)) are returned so that the
-backward can hold them fixed: it recomputes the differentiable part from (q, k, v) with the
-explicit-assignment torch code (``reference`` for impl="reference", the vectorised ``cpu`` code
-otherwise; both run on any device) and calls ``torch.autograd.grad``. Gradients thus reach q
-through the centroid means (and, for i-clustered, the exact top-k scores), k and v through the
-centroid attention and the top-k attention; none flows through hashing, k-means or top-k.
+backward can hold them fixed (``attention_grads``): clustered attention on the fused path runs
+the fused backward kernel; otherwise the differentiable part is recomputed from (q, k, v) with
+the explicit-assignment torch code (``reference`` for impl="reference", the vectorised
+``cpu.py`` code otherwise; both run on any device) and differentiated by ``torch.func.vjp``.
+Gradients thus reach q through the centroid means (and, for i-clustered, the exact top-k
+scores), k and v through the centroid attention and the top-k attention; none flows through
+hashing, k-means or top-k.
 """
 
 from __future__ import annotations
@@ -30,38 +36,60 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clusterfx.ops.clustered import checks, nonfinite
+from clusterfx.ops.clustered import checks, fused, nonfinite
 from clusterfx.ops.clustering import ClusteringSpec, attention_metric, cluster_with
 from clusterfx.ops.common import telemetry
+from clusterfx.ops.common.checks import NATIVE_IMPLS
 from clusterfx.ops.common.degenerate import degenerate_attention, is_degenerate
 from clusterfx.ops.common.dispatch import resolve_impl
 
+MODULES = {"reference": "reference", "cpu": "fused", "torch": "cpu", "triton": "triton"}
+
 
 def implementation(backend: str) -> ModuleType:
-    """The module of an implementation ("reference", "cpu", "triton"); imported when first
-    used, so that this module imports without Triton."""
-    return importlib.import_module(f"clusterfx.ops.clustered.{backend}")
+    """The module of an implementation ("reference", "cpu", "torch", "triton"); imported when
+    first used, so that this module imports without Triton."""
+    return importlib.import_module(f"clusterfx.ops.clustered.{MODULES[backend]}")
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """The implementation that runs for ``impl`` on ``device`` (explicit ones never fall back)."""
+    return resolve_impl(impl, device, NATIVE_IMPLS, fused.LIB)
 
 
 def differentiable(impl: str) -> ModuleType:
     """The torch code that recomputes the forward for the backward pass (any device)."""
-    return implementation("reference" if impl == "reference" else "cpu")
+    return implementation("reference" if impl == "reference" else "torch")
 
 
 def _backend(op: str, impl: str, q: Tensor) -> str:
-    backend = resolve_impl(impl, q.device)
+    backend = resolve(impl, q.device)
     telemetry.record(op, backend)
     return backend
 
 
-def vjp(fn, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad_out: Tensor):
-    """Gradients of ``fn(*inputs)`` (a tensor) w.r.t. the inputs flagged in ``needs``."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
-        out = fn(*leaves)
-        wanted = [t for t, n in zip(leaves, needs, strict=True) if n]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-    return [next(grads) if n else None for n in needs]
+def attention_grads(impl: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                    assignments: Tensor, clusters: int, mask: Tensor | None, scale: float,
+                    topk: int | None = None, idx: Tensor | None = None,
+                    needs: tuple[bool, bool, bool] = (True, True, True)):
+    """(dq, dk, dv) of clustered (``topk`` None) or i-clustered attention with the discrete
+    choices (assignments, top-k ``idx``) held fixed; None where ``needs`` is False.
+
+    Works inside autograd formulas and inside op kernels (``torch.func.vjp``)."""
+    if topk is None and resolve(impl, q.device) == "cpu":
+        grads = torch.ops.clusterfx.clustered_attention_backward(
+            grad_out, q, k, v, assignments, mask, clusters, scale)
+        return [g if n else None for g, n in zip(grads, needs, strict=True)]
+    mod = differentiable(impl)
+    if topk is None:
+        fn = lambda q_, k_, v_: mod.clustered_attention_from_assignments(  # noqa: E731
+            q_, k_, v_, assignments, clusters, mask, scale)
+    else:
+        fn = lambda q_, k_, v_: mod.improved_clustered_attention_from_assignments(  # noqa: E731
+            q_, k_, v_, assignments, clusters, mask, scale, topk, idx)[0]
+    _, pullback = torch.func.vjp(fn, q, k, v)
+    grads = pullback(grad_out.contiguous())
+    return [g if n else None for g, n in zip(grads, needs, strict=True)]
 
 
 def cluster(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, spec: ClusteringSpec,
@@ -267,6 +295,26 @@ def _(q, k, v, key_padding_mask, scale, clusters, iterations, bits, seed, cluste
 # --------------------------------------------------------------------------- autograd
 
 
+@torch.library.custom_op("clusterfx::clustered_attention_backward", mutates_args=())
+def clustered_attention_backward_op(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, assignments: Tensor,
+    key_padding_mask: Tensor | None, clusters: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of clustered attention, assignments held fixed: the fused kernel, as one
+    opaque node (so compiled training does not trace into it)."""
+    dq, dk, dv = fused.clustered_attention_backward(grad, q, k, v, assignments, clusters,
+                                                    key_padding_mask, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@clustered_attention_backward_op.register_fake
+def _(grad, q, k, v, assignments, key_padding_mask, clusters, scale):
+    fmt = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt))
+
+
+
 def _save(ctx, q, k, v, assignments, mask, clusters, scale, impl, idx=None) -> None:
     ctx.save_for_backward(q, k, v, assignments, mask, idx)
     ctx.clusters, ctx.scale, ctx.impl = clusters, scale, impl
@@ -274,16 +322,14 @@ def _save(ctx, q, k, v, assignments, mask, clusters, scale, impl, idx=None) -> N
 
 def _input_grads(ctx, grad_out) -> list[Tensor | None]:
     q, k, v, assignments, mask, idx = ctx.saved_tensors
-    mod = differentiable(ctx.impl)
-    if is_degenerate(q, k, v):
+    if is_degenerate(q, k, v):  # exact attention's gradients (zero-size dims)
         fn = lambda q_, k_, v_: _exact(q_, k_, v_, mask, ctx.scale)  # noqa: E731
-    elif idx is None:
-        fn = lambda q_, k_, v_: mod.clustered_attention_from_assignments(
-            q_, k_, v_, assignments, ctx.clusters, mask, ctx.scale)
-    else:
-        fn = lambda q_, k_, v_: mod.improved_clustered_attention_from_assignments(
-            q_, k_, v_, assignments, ctx.clusters, mask, ctx.scale, idx.shape[-1], idx)[0]
-    return vjp(fn, (q, k, v), tuple(ctx.needs_input_grad[:3]), grad_out)
+        _, pullback = torch.func.vjp(fn, q, k, v)
+        grads = pullback(grad_out.contiguous())
+        return [g if n else None for g, n in zip(grads, ctx.needs_input_grad[:3], strict=True)]
+    return attention_grads(ctx.impl, grad_out, q, k, v, assignments, ctx.clusters, mask,
+                           ctx.scale, None if idx is None else idx.shape[-1], idx,
+                           tuple(ctx.needs_input_grad[:3]))
 
 
 def _setup_from_assignments(ctx, inputs, output):

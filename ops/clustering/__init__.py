@@ -1,8 +1,12 @@
 """Query clustering for clustered attention: LSH hashing plus Hamming or Euclidean k-means.
 
-The public API validates its arguments, draws *all* randomness, and dispatches to a backend:
-``reference`` (the oracle), ``cpu`` (vectorised torch) or ``triton`` (CUDA kernels for hashing and
-Hamming assignment, imported lazily from ``clusterfx.ops.clustering.triton``). Randomness is drawn
+The public API validates its arguments, draws *all* randomness, and dispatches to a backend
+(``impl``): "reference" (``reference.py``, the oracle), "cpu" (``fused.py``: the fused C++ kernels
+of ``csrc/clustering.cpp``, one parallel region per call; CPU tensors), "torch" (``cpu.py``:
+vectorised torch, any device), "triton" (CUDA kernels for hashing and Hamming assignment,
+imported lazily from ``clusterfx.ops.clustering.triton``), or "auto" (triton on CUDA, else cpu;
+torch, with a warning, where the C++ kernels cannot be built). ``popcount`` has no kernel of its
+own: every impl but "reference" runs the torch bit tricks. Randomness is drawn
 on the CPU from a ``torch.Generator`` seeded with ``seed`` (``seed=-1``: torch's global RNG, so
 ``torch.manual_seed`` controls it) and handed to the backend as plain positions, so every backend
 on every device gives the same clusters for the same seed.
@@ -33,11 +37,12 @@ import warnings
 
 import torch
 
-from clusterfx.ops.clustering import cpu, reference
+from clusterfx.ops.clustering import cpu, fused, reference
 from clusterfx.ops.clustering.checks import check_clustering, check_hashes, check_planes
 from clusterfx.ops.clustering.spec import ClusteringSpec
-from clusterfx.ops.common import telemetry
+from clusterfx.ops.common import native, telemetry
 from clusterfx.ops.common.checks import (
+    NATIVE_IMPLS,
     check_bits,
     check_float,
     check_int,
@@ -45,14 +50,22 @@ from clusterfx.ops.common.checks import (
     check_seed,
     check_valid,
 )
-from clusterfx.ops.common.dispatch import resolve_impl
+from clusterfx.ops.common.dispatch import resolve_impl as _resolve
 from clusterfx.ops.common.telemetry import counters
 
-__all__ = ["METRIC_KEYS", "ClusteringSpec", "attention_metric", "cluster_queries", "cluster_with",
-           "counters", "euclidean_kmeans", "hamming_kmeans", "lloyd_refine", "lsh_hash",
-           "make_planes", "metric_root", "popcount"]
+NATIVE_LIBRARY = fused.LIB  # the fused kernels (ops/build.py builds them)
+
+__all__ = ["METRIC_KEYS", "NATIVE_LIBRARY", "ClusteringSpec", "attention_metric",
+           "cluster_queries", "cluster_with", "counters", "euclidean_kmeans", "hamming_kmeans",
+           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount"]
 
 METRIC_KEYS = 4096  # keys per row that attention_metric's covariance reads, at most
+IMPLS = NATIVE_IMPLS
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that runs (see the module docstring); explicit ones never fall back."""
+    return _resolve(impl, device, IMPLS, fused.LIB)
 
 
 def _generator(seed: int) -> torch.Generator | None:
@@ -101,6 +114,9 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor, impl: str = "auto",
     check_valid(centre_mask, (*batch, N), "centre_mask")
     backend = resolve_impl(impl, x.device)
     telemetry.record("lsh_hash", backend)
+    if backend == "cpu":
+        root = None if metric is None else _root_for(metric, x)
+        return fused.lsh_hash(x, planes, root, centre_mask)
     if metric is not None:
         root = _root_for(metric, x).expand(*batch, D, D)
         return (reference if backend == "reference" else cpu).lsh_hash(x, planes, root,
@@ -191,6 +207,8 @@ def hamming_kmeans(hashes: torch.Tensor, clusters: int, iterations: int = 10, bi
     if backend == "reference":
         a, c = reference.hamming_kmeans(h, *plan, v, bits)
     elif backend == "cpu":
+        a, c = fused.hamming_kmeans(h, *plan, v, bits)
+    elif backend == "torch":
         a, c = cpu.hamming_kmeans(h, *plan, v, bits)
     else:
         a, c = cpu.hamming_kmeans_signs(cpu.unpack_signs(h, bits), *plan, v,
@@ -220,7 +238,7 @@ def euclidean_kmeans(x: torch.Tensor, clusters: int, iterations: int = 10, seed:
     _clamp_warning(clusters, N, valid)
     telemetry.record("euclidean_kmeans", backend)
     plan = _kmeans_plan(v, valid is None, clusters, iterations, _generator(seed))
-    mod = reference if backend == "reference" else cpu
+    mod = {"reference": reference, "cpu": fused}.get(backend, cpu)
     a, c = mod.euclidean_kmeans(xr, *plan, v)
     return a.view(*batch, N), c.view(*batch, clusters)
 
@@ -370,11 +388,19 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     x = q.reshape(-1, N, D)
     centre = None if centre_mask is None else centre_mask.reshape(-1, N)
     m = _rows(metric, batch, D)
-    root = None if m is None else _root_for(m, q)
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
     _clamp_warning(clusters, N, None)
     telemetry.record(f"cluster_queries.{clustering}", backend)
     gen = _generator(seed)
+    if backend == "cpu":  # hash + k-means + Lloyd steps in one kernel call
+        planes = _draw_planes(bits, D, gen) if clustering == "hamming" else None
+        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
+        # the kernel takes the root itself when torch's LAPACK is at hand
+        root = None if m is None or native.has_lapack() else _root_for(m, q)
+        a, c = fused.cluster_queries(x, clustering, bits, planes, plan, refine, metric=m,
+                                     root=root, centre_mask=centre)
+        return a.view(*batch, N), c.view(*batch, clusters)
+    root = None if m is None else _root_for(m, q)
     if clustering == "kmeans":
         plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         y = x if root is None else x.to(root.dtype) @ root
@@ -385,9 +411,10 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
         if backend == "reference":
             a, c = reference.hamming_kmeans(reference.lsh_hash(x, planes, root, centre), *plan,
                                             valid, bits)
-        elif backend == "cpu" or root is not None:  # the Triton hash kernel has no metric
+        elif backend == "torch" or root is not None:  # the Triton hash kernel has no metric
             signs = cpu.lsh_signs(x, planes, root, centre)
-            assign_fn = None if backend == "cpu" else _triton_assign(cpu.pack_signs(signs), bits)
+            assign_fn = None if backend == "torch" else _triton_assign(cpu.pack_signs(signs),
+                                                                        bits)
             a, c = cpu.hamming_kmeans_signs(signs, *plan, valid, assign_fn=assign_fn)
         else:
             from clusterfx.ops.clustering import triton as _tr

@@ -13,6 +13,9 @@ import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("auto", "reference", "cpu", "triton")
+# Families with fused C++ CPU kernels: "cpu" is the fused kernels, "torch" the vectorised torch
+# code they replaced (kept for comparison, and as what "auto" runs when the kernels are missing).
+NATIVE_IMPLS = ("auto", "reference", "cpu", "torch", "triton")
 MAX_BITS = 63
 SEED_LIMIT = 2**63  # seeds travel through int64 op arguments
 
@@ -54,9 +57,10 @@ def check_seed(seed) -> None:
                          f"torch's global RNG")
 
 
-def check_impl(impl) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl ({impl!r}) must be one of {IMPLS}")
+def check_impl(impl, impls: tuple[str, ...] = IMPLS) -> None:
+    """``impl`` is one of ``impls`` (a family's accepted implementation names)."""
+    if impl not in impls:
+        raise ValueError(f"impl ({impl!r}) must be one of {impls}")
 
 
 def check_scale(scale, positive: bool = False) -> None:

@@ -16,15 +16,21 @@ For each query i, with kv head h // (H // Hk) (GQA)::
 Implementations (``impl``), none falling back silently to another:
 
 - ``"reference"``: ``reference.py``, full score matrix, the oracle.
-- ``"cpu"``: ``cpu.py``, chunks of ``chunk_size`` queries; vectorised torch (any device).
+- ``"cpu"``: ``fused.py``, the fused C++ kernels of ``csrc/topk.cpp`` (CPU tensors): the
+  scores stream by in blocks and each query keeps its k best, so only k columns of P V are
+  computed; memory O(N·k).
+- ``"torch"``: ``cpu.py``, chunks of ``chunk_size`` queries; vectorised torch (any device).
 - ``"triton"``: ``triton.py``, host-side chunked ``torch.topk`` + a Triton kernel for the
   gathered softmax and weighted sum. On CPU tensors it needs TRITON_INTERPRET=1, else it raises.
-- ``"auto"``: triton on CUDA, cpu elsewhere.
+- ``"auto"``: triton on CUDA, cpu elsewhere (torch, with a warning, where the C++ kernels
+  cannot be built).
 
-Backward (all impls): the selection is discrete and held fixed; the op re-runs the chunked
-selection and differentiates the softmax over the selected keys (``backward.py``), giving
-gradients for q, k, v and a floating ``attn_mask``. No double backward. Every forward counts
-its implementation in ``counters`` (``"topk_attention.cpu"``, ...).
+Backward: the selection is discrete and held fixed; impl "cpu" re-runs the fused selection
+and a fused per-query backward (``fused.py``); otherwise (and whenever a floating mask needs
+its gradient) the op re-runs the chunked torch selection and differentiates the softmax over
+the selected keys (``backward.py``), giving gradients for q, k, v and a floating
+``attn_mask``. No double backward. Every forward counts its implementation in ``counters``
+(``"topk_attention.cpu"``, ...).
 
 Shapes: q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), attn_mask broadcastable to
 (B, H, Nq, Nk) -> out (B, H, Nq, Dv).
@@ -37,9 +43,10 @@ import torch
 from clusterfx.ops.common.telemetry import counters
 from clusterfx.ops.topk import registration  # noqa: F401 - registers the ops
 from clusterfx.ops.topk.checks import validate
+from clusterfx.ops.topk.fused import LIB as NATIVE_LIBRARY  # the fused kernels
 from clusterfx.ops.topk.reference import topk_attention_reference
 
-__all__ = ["topk_attention", "topk_attention_reference", "counters"]
+__all__ = ["NATIVE_LIBRARY", "topk_attention", "topk_attention_reference", "counters"]
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int,
@@ -56,9 +63,9 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: i
             broadcastable to (B, H, Nq, Nk).
         is_causal: query i sees keys j <= i (top-left aligned); combines with attn_mask.
         scale: score scale, default D ** -0.5.
-        chunk_size: queries per chunk (>= 1) for "cpu" and "triton"; peak extra memory is
+        chunk_size: queries per chunk (>= 1) for "torch" and "triton"; peak extra memory is
             about chunk_size * Nk scores per (batch, head). Results do not depend on it.
-        impl: "auto" | "reference" | "cpu" | "triton" (see the module docstring).
+        impl: "auto" | "reference" | "cpu" | "torch" | "triton" (module docstring).
 
     Returns:
         (B, H, Nq, Dv) in q's dtype; zeros for queries with every key masked.

@@ -10,7 +10,12 @@ import math
 
 import torch
 
-from clusterfx.ops.common.checks import FLOAT_DTYPES, check_impl, check_positive_int
+from clusterfx.ops.common.checks import (
+    FLOAT_DTYPES,
+    NATIVE_IMPLS,
+    check_impl,
+    check_positive_int,
+)
 
 DTYPES = FLOAT_DTYPES
 _LAYOUTS = {"q": "(B, H, Nq, D)", "k": "(B, Hk, Nk, D)", "v": "(B, Hk, Nk, Dv)"}
@@ -66,6 +71,6 @@ def validate(q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl) -> No
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite float (or None for D**-0.5), "
                              f"got {scale}")
-    check_impl(impl)
+    check_impl(impl, NATIVE_IMPLS)
     if attn_mask is not None:
         _check_mask(attn_mask, q, (b, h, nq, nk))

@@ -1,15 +1,20 @@
 """torch.library registration of ``clusterfx::topk_attention`` and its backward op: schema,
-fake kernels, autograd, and dispatch to the implementations (``reference``, ``cpu``,
-``triton``). See the family's ``__init__`` for the math. ``site``: a telemetry tag (a
-rewritten site's op counts its calls and implementation for its compile's report)."""
+fake kernels, autograd, and dispatch to the implementations: "reference" (``reference.py``),
+"cpu" (``fused.py``, the C++ kernels), "torch" (``cpu.py``, vectorised torch), "triton"
+(``triton.py``). The backward runs the fused kernels for impl "cpu" (unless a floating mask
+needs its gradient) and ``backward.py`` (torch) otherwise. See the family's ``__init__`` for
+the math. ``site``: a telemetry tag (a rewritten site's op counts its calls and implementation
+for its compile's report)."""
 
 from __future__ import annotations
 
 import torch
 
 from clusterfx.ops.common import telemetry
+from clusterfx.ops.common.checks import NATIVE_IMPLS
 from clusterfx.ops.common.degenerate import degenerate_attention, is_degenerate
 from clusterfx.ops.common.dispatch import resolve_impl
+from clusterfx.ops.topk import fused
 from clusterfx.ops.topk.backward import topk_attention_backward
 from clusterfx.ops.topk.checks import validate
 from clusterfx.ops.topk.cpu import topk_attention_cpu
@@ -21,6 +26,11 @@ def _rank4(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None:
         return None
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """The implementation that runs for ``impl`` (explicit ones never fall back)."""
+    return resolve_impl(impl, device, NATIVE_IMPLS, fused.LIB)
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
@@ -35,7 +45,7 @@ def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: 
                        scale: float | None = None, chunk_size: int = 256,
                        impl: str = "auto", site: str = "") -> torch.Tensor:
     validate(q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl)
-    name = resolve_impl(impl, q.device)
+    name = resolve(impl, q.device)
     if is_degenerate(q, k, v):  # a zero-size dim: exact attention's answer (empty / zeros)
         telemetry.record("topk_attention", "dense", site=site, path="exact: empty input")
         return degenerate_attention(q, k, v, _rank4(attn_mask), is_causal, scale).contiguous()
@@ -45,6 +55,8 @@ def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: 
     if name == "reference":
         out = topk_attention_reference(q, k, v, **args)
     elif name == "cpu":
+        out = fused.topk_attention_cpu(q, k, v, **args)
+    elif name == "torch":
         out = topk_attention_cpu(q, k, v, chunk_size=chunk_size, **args)
     else:  # imported when used, so that this module imports without Triton
         from clusterfx.ops.topk.triton import topk_attention_triton
@@ -64,16 +76,21 @@ def _topk_attention_fake(q, k, v, topk, attn_mask=None, is_causal=False, scale=N
 def _topk_attention_backward_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     attn_mask: torch.Tensor | None, topk: int, is_causal: bool, scale: float,
-    chunk_size: int, mask_grad: bool,
+    chunk_size: int, mask_grad: bool, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad`` (opaque to compile)."""
     if is_degenerate(q, k, v):
         dq, dk, dv, dmask = _degenerate_backward(grad, q, k, v, attn_mask, is_causal, scale,
                                                  mask_grad)
         return dq, dk, dv, dmask
-    dq, dk, dv, dmask = topk_attention_backward(
-        grad, q, k, v, _rank4(attn_mask), topk=topk, is_causal=is_causal, scale=scale,
-        chunk_size=chunk_size, mask_grad=mask_grad)
+    if not mask_grad and resolve(impl, q.device) == "cpu":
+        dq, dk, dv = fused.topk_attention_backward(grad, q, k, v, _rank4(attn_mask), topk=topk,
+                                                   is_causal=is_causal, scale=scale)
+        dmask = None
+    else:
+        dq, dk, dv, dmask = topk_attention_backward(
+            grad, q, k, v, _rank4(attn_mask), topk=topk, is_causal=is_causal, scale=scale,
+            chunk_size=chunk_size, mask_grad=mask_grad)
     dmask = q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape)
     # contiguous, as the fake kernel promises whatever the inputs' layouts
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
@@ -96,7 +113,7 @@ def _degenerate_backward(grad, q, k, v, attn_mask, is_causal, scale, mask_grad):
 
 @_topk_attention_backward_op.register_fake
 def _topk_attention_backward_fake(grad, q, k, v, attn_mask, topk, is_causal, scale, chunk_size,
-                                  mask_grad):
+                                  mask_grad, impl):
     contiguous = torch.contiguous_format
     dmask = (torch.empty_like(attn_mask, memory_format=contiguous)
              if mask_grad and attn_mask is not None else q.new_empty(0))
@@ -106,9 +123,10 @@ def _topk_attention_backward_fake(grad, q, k, v, attn_mask, topk, is_causal, sca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, topk, attn_mask, is_causal, scale, chunk_size, _impl, _site = inputs
+    q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl, _site = inputs
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.params = (topk, is_causal, _scale(q, scale), chunk_size)
+    ctx.impl = impl
 
 
 def _backward(ctx, grad):
@@ -117,7 +135,7 @@ def _backward(ctx, grad):
     mask_grad = (attn_mask is not None and attn_mask.is_floating_point()
                  and ctx.needs_input_grad[4])
     dq, dk, dv, dmask = torch.ops.clusterfx.topk_attention_backward(
-        grad, q, k, v, attn_mask, topk, is_causal, scale, chunk_size, mask_grad)
+        grad, q, k, v, attn_mask, topk, is_causal, scale, chunk_size, mask_grad, ctx.impl)
     return dq, dk, dv, None, (dmask if mask_grad else None), None, None, None, None, None
 
 

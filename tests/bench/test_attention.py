@@ -5,13 +5,14 @@ import math
 
 import pytest
 
-from clusterfx.bench.attention import CPU_TARGETS, evaluate_targets, growth
+from clusterfx.bench.attention import CPU_TARGETS, evaluate_targets, growth, run_conditions
 from clusterfx.cli import main
 
 METHODS = ["dense", "clustered", "i-clustered", "topk"]
 RESULT_KEYS = {"method", "n", "pass", "times_s", "repeats", "median_s", "min_s", "max_over_min",
                "peak_bytes",
-               "speedup_vs_dense", "memory_saving_vs_dense", "tflops"}
+               "speedup_vs_dense", "memory_saving_vs_dense", "tflops", "essential_gflop",
+               "gflop_per_s", "rate_vs_dense"}
 
 
 def _table_rows(out: str) -> dict[tuple[int, str], list[str]]:
@@ -40,9 +41,11 @@ def test_timing_table_json_and_markdown_cover_every_method_and_size(tmp_path, ca
     assert "B=1 H=8 N in {128, 256} D=64" in out
     rows = _table_rows(out)
     assert set(rows) == {(n, m) for n in (128, 256) for m in METHODS}
-    for cells in rows.values():  # speed-ups are columns 3 and 7: "1.23x"
-        for speedup in (cells[3], cells[7]):
+    for (_, method), cells in rows.items():  # speed-ups are columns 4 and 10: "1.23x"
+        for speedup in (cells[4], cells[10]):
             assert _positive_finite(float(speedup.rstrip("x"))), cells
+        assert cells[2] == ("-" if method == "dense" else "cpu"), cells  # the fused kernels ran
+        assert float(cells[5].replace(",", "")) > 0 and float(cells[6]) > 0  # GFLOP/s, rate
 
     data = json.loads(js.read_text())
     assert set(data) == {"benchmark", "settings", "results", "growth", "targets", "wall_s"}
@@ -59,7 +62,10 @@ def test_timing_table_json_and_markdown_cover_every_method_and_size(tmp_path, ca
         assert r["peak_bytes"] is None
         assert (r["tflops"] is not None) == (r["method"] == "dense")
         if r["method"] == "dense":
-            assert r["speedup_vs_dense"] == 1.0
+            assert r["speedup_vs_dense"] == 1.0 and r["rate_vs_dense"] == 1.0
+            flops = 4 * 8 * r["n"] ** 2 * 64 * (3.5 if r["pass"] == "fwd+bwd" else 1.0)
+            assert math.isclose(r["essential_gflop"], flops / 1e9)
+        assert math.isclose(r["gflop_per_s"], r["essential_gflop"] / r["median_s"])
     assert {(g["method"], g["pass"], g["from_n"], g["to_n"]) for g in data["growth"]} == {
         (m, p, 128, 256) for m in METHODS for p in ("fwd", "fwd+bwd")}
     assert all(_positive_finite(g["time_ratio"]) for g in data["growth"])
@@ -93,13 +99,58 @@ def _row(method, n, speedup, seconds, peak, pss="fwd"):
 
 
 def test_targets_report_met_and_missed_from_the_measured_numbers():
-    rows = [_row("clustered", 16384, 25.0, 1.0, 100), _row("clustered", 32768, 30.0, 3.0, 200),
-            _row("clustered", 4096, 3.0, 0.5, 50), _row("i-clustered", 16384, 10.5, 1.0, 100)]
-    targets = evaluate_targets(rows, growth(rows))
-    assert [t["target"] for t in targets] == [target[0] for target in CPU_TARGETS]
-    # 16k x25 >= 20, 4k x3 < 4, i-clustered x10.5 >= 10, time 3.0/1.0 > 2.3, memory 200/100
-    assert [t["met"] for t in targets] == [True, False, True, False, True]
-    assert [t["value"] for t in targets] == [25.0, 3.0, 10.5, 3.0, 2.0]
+    rows = [_row("clustered", 16384, 45.0, 1.0, 100), _row("clustered", 32768, 30.0, 2.0, 200),
+            _row("clustered", 65536, 30.0, 4.41, 400), _row("clustered", 4096, 3.0, 0.5, 50),
+            _row("i-clustered", 16384, 10.5, 1.0, 100),
+            _row("clustered", 16384, 31.0, 3.0, 300, "fwd+bwd"),
+            _row("topk", 16384, 1.4, 1.0, 10)]
+    quiet = evaluate_targets(rows, growth(rows), {"any", "quiet", "d64"})
+    by_label = {t["target"].split(" (to")[0]: t for t in quiet}
+    expected = {  # label -> (value, met); D=32 and loaded targets do not apply to this run
+        CPU_TARGETS[0][0]: (45.0, True), CPU_TARGETS[1][0]: (3.0, False),
+        CPU_TARGETS[3][0]: (10.5, False), CPU_TARGETS[4][0]: (31.0, True),
+        CPU_TARGETS[5][0]: (1.4, True), CPU_TARGETS[6][0]: (2.1, True)}
+    assert set(by_label) == set(expected)
+    for label, (value, met) in expected.items():
+        assert math.isclose(by_label[label]["value"], value) and by_label[label]["met"] == met
+    assert "(to 65536)" in next(t["target"] for t in quiet if "doubling" in t["target"])
+    loaded = evaluate_targets(rows, growth(rows), {"any", "loaded"})
+    assert {t["target"].split(" (to")[0] for t in loaded} == {CPU_TARGETS[6][0],
+                                                               CPU_TARGETS[7][0]}
+    assert [t["met"] for t in loaded if t["target"] == CPU_TARGETS[7][0]] == [True]
+    d32 = evaluate_targets(rows, growth(rows), run_conditions({"dim": 32, "load_processes": 0}))
+    assert CPU_TARGETS[2][0] in {t["target"] for t in d32}
+
+
+def test_load_option_starts_and_stops_busy_neighbours(capsys, monkeypatch):
+    import clusterfx.bench.attention as bench_attention
+    from clusterfx.apps.common import busy_neighbours
+
+    seen = []
+    real = busy_neighbours
+
+    def spy(count):
+        cm = real(count)
+        procs = cm.__enter__()
+        seen.extend(procs)
+        assert all(p.poll() is None for p in procs)  # running while the bench measures
+
+        class _Wrap:
+            def __enter__(self):
+                return procs
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+        return _Wrap()
+
+    monkeypatch.setattr(bench_attention, "busy_neighbours", spy)
+    code = main(["bench", "attention", "--sizes", "64", "--repeats", "1", "--no-memory",
+                 "--no-backward", "--methods", "clustered", "--clusters", "4", "--load", "1"])
+    assert code == 0
+    assert len(seen) == 1 and seen[0].poll() is not None  # stopped after the run
+    assert "busy neighbour processes (--load): 1" in capsys.readouterr().out
+    assert main(["bench", "attention", "--load", "-1"]) == 2
+    assert "--load (-1) must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

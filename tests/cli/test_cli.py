@@ -70,6 +70,7 @@ def test_check_exits_1_when_the_error_exceeds_rtol(capsys, monkeypatch):
     ([], "COMMAND"),
     (["demo", "--model", "resnet"], "resnet"),
     (["demo", "--layers", "0", "--backend", "eager"], "--layers (0)"),
+    (["demo", "--load", "-1", "--backend", "eager"], "--load (-1) must be >= 0"),
     (["explain", "gpt_tiny"], "gpt_tiny"),
     (["explain", "no_such_module_xyz:make"], "no_such_module_xyz"),
     (["explain", "clusterfx.models:no_such_factory"], "no_such_factory"),
@@ -97,8 +98,8 @@ def test_demo_writes_reports_and_graph_dumps(tmp_path, capsys):
     sites = data["sites"]
     assert [s["fqn"] for s in sites] == [f"encoder.layer.{i}.attention" for i in range(4)]
     assert [(s["rewrite"], s["status"]) for s in sites] == [
-        ("dense", "kept dense"), ("topk", "rewritten"), ("improved_clustered", "rewritten"),
-        ("clustered", "rewritten")]
+        ("dense", "kept dense"), ("improved_clustered", "rewritten"),
+        ("improved_clustered", "rewritten"), ("clustered", "rewritten")]
     assert sites[2]["paths"] == {"approximate [cpu]": 1}
     assert data["demo"]["settings"]["layers"] == 4
     timing = data["demo"]["timing"]
@@ -109,6 +110,11 @@ def test_demo_writes_reports_and_graph_dumps(tmp_path, capsys):
     assert "done in" in captured.err  # progress lines go to stderr
     assert data["demo"]["equivalence"]["min_cosine"] > 0.5  # approximate, yet close
     assert list((tmp_path / "graphs").glob("graph0_*_lower.py"))
+    layers = timing["layers"]  # per-layer attention, each site's op on its own
+    assert [(r["fqn"], r["rewrite"], r["impl"]) for r in layers] == [
+        (s["fqn"], s["rewrite"], "sdpa" if s["rewrite"] == "dense" else "cpu") for s in sites]
+    assert all(r["exact_ms"] > 0 and r["policy_ms"] > 0 for r in layers)
+    assert "per-layer attention" in captured.out and "all attention" in captured.out
 
 
 def test_bench_passes_reports_each_pass_and_the_total(capsys):

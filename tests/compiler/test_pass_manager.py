@@ -76,18 +76,22 @@ def test_stop_after_rejects_unknown_names():
         cfx.transform(model, inputs, stop_after="lowering")
 
 
-def test_a_mesh_without_sequence_parallelism_is_declined_clearly():
+def test_a_mesh_without_a_process_group_is_an_error_and_an_unresolved_one_declines():
     model, inputs = _bert()
-    with pytest.warns(UserWarning, match="sequence parallelism is not available"):
-        compiled = cfx.compile(model, mesh=cfx.SequenceParallel(ulysses=2), backend="eager")
-    with torch.no_grad():
-        compiled(*inputs)
-    (record,) = compiled._clusterfx_state.latest_records()
-    sp = record.results[-1]
-    assert sp.name == "sequence_parallel" and len(sp.declines) == 2
-    assert all("not available" in reason for _, reason in sp.declines)
+    with pytest.raises(ValueError, match="init_process_group"):
+        cfx.compile(model, mesh=cfx.SequenceParallel(ulysses=2), backend="eager")
     with pytest.raises(TypeError, match="DeviceMesh"):
         cfx.compile(model, mesh="ulysses=2")
+    # a pass manager given a mesh key but no resolved mesh declines every site, saying why
+    from clusterfx.compiler.backend import ClusterfxBackend
+
+    state = CompileState(cfx.Policy.make(None), "eager", mesh_key="sp:x")
+    with torch.no_grad():
+        torch.compile(model, backend=ClusterfxBackend(state))(*inputs)
+    (record,) = state.latest_records()
+    sp = record.results[-1]
+    assert sp.name == "sequence_parallel" and len(sp.declines) == 2
+    assert all("no resolved mesh" in reason for _, reason in sp.declines)
 
 
 def test_run_time_paths_are_counted_per_compile_and_freed_with_it():

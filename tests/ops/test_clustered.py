@@ -22,7 +22,7 @@ from clusterfx.ops.clustered import reference
 from tests.helpers import oracle_tolerance
 
 F64 = torch.float64
-IMPLS = ("reference", "cpu")
+IMPLS = ("reference", "cpu", "torch")  # oracle, fused C++ kernels, vectorised torch
 OPS = torch.ops.clusterfx
 
 
@@ -264,17 +264,18 @@ def _tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
     return oracle_tolerance(dtype, ref, reduction=16)
 
 
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_path_matches_float64_reference(dtype):
+def test_cpu_path_matches_float64_reference(dtype, impl):
     q, k, v, mask = make_inputs(Nq=40, Nk=33, D=16, Dv=8, dtype=dtype, pad=True)
     up = [t.to(F64) for t in (q, k, v)]
     a = random_assignments(q, 5)
-    out = clustered("cpu", q, k, v, a, 5, mask)
+    out = clustered(impl, q, k, v, a, 5, mask)
     ref = reference.clustered_attention_from_assignments(*up, a, 5, mask)
     assert out.dtype == dtype
     torch.testing.assert_close(out.to(F64), ref, atol=_tolerance(dtype, ref), rtol=0)
     out, idx = OPS.improved_clustered_attention_from_assignments(q, k, v, a, mask, 5, 4,
-                                                                 0.25, "cpu")
+                                                                 0.25, impl)
     ref, _ = reference.improved_clustered_attention_from_assignments(*up, a, 5, mask, 0.25, 4,
                                                                      topk_indices=idx)
     assert out.dtype == dtype
@@ -293,10 +294,11 @@ def test_fuzz_shapes_cpu_against_reference(B, Hk, G, Nq, Nk, D, Dv, C, topk, pad
         warnings.simplefilter("ignore")
         for fn, extra in ((ca.clustered_attention, {}),
                           (ca.improved_clustered_attention, {"topk": topk})):
-            got = fn(q, k, v, impl="cpu", **kw, **extra)
             want = fn(q, k, v, impl="reference", **kw, **extra)
-            assert got.shape == (B, Hk * G, Nq, Dv)
-            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+            for impl in ("cpu", "torch"):
+                got = fn(q, k, v, impl=impl, **kw, **extra)
+                assert got.shape == (B, Hk * G, Nq, Dv)
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
 # -------------------------------------------------------------- seeds, C > N, counters
@@ -377,23 +379,36 @@ def test_explicit_triton_on_cpu_raises(monkeypatch):
 # -------------------------------------------------------------- registration
 
 
+_LIGHT = ("test_schema", "test_faketensor")  # variants of an op already checked in full
+
+
 def test_opcheck_every_op():
+    """Every op in full (schema, autograd registration, fake tensor, AOT dispatch); further
+    argument variants of the same op only through the cheap checks (the AOT one compiles)."""
     q, k, v, mask = make_inputs(dtype=torch.float32, pad=True)
     a = random_assignments(q, 3)
     args = [t.requires_grad_(True) for t in (q, k, v)]
     cases = [
-        (OPS.clustered_attention_from_assignments.default, (*args, a, mask, 3, 0.4, "cpu")),
+        (OPS.clustered_attention_from_assignments.default, (*args, a, mask, 3, 0.4, "cpu"),
+         None),
         (OPS.improved_clustered_attention_from_assignments.default,
-         (*args, a, mask, 3, 2, 0.4, "reference")),
+         (*args, a, mask, 3, 2, 0.4, "cpu"), None),
+        (OPS.improved_clustered_attention_from_assignments.default,
+         (*args, a, mask, 3, 2, 0.4, "reference"), _LIGHT),
         (OPS.clustered_attention.default,
-         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 1, "attention", "cpu")),
+         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 1, "attention", "cpu"), None),
         (OPS.clustered_attention.default,
-         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 0, "euclidean", "cpu")),
+         (*args, mask, 0.4, 3, 3, 63, 1, "hamming", 0, "euclidean", "cpu"), _LIGHT),
         (OPS.improved_clustered_attention.default,
-         (*args, None, 0.4, 3, 3, 63, 1, "kmeans", 2, "attention", 2, "cpu")),
+         (*args, None, 0.4, 3, 3, 63, 1, "kmeans", 2, "attention", 2, "cpu"), None),
+        (OPS.clustered_attention_backward.default,
+         (torch.randn(2, 4, 12, 5), *[t.detach() for t in args], a, mask, 3, 0.4), None),
     ]
-    for op, op_args in cases:
-        torch.library.opcheck(op, op_args)
+    for op, op_args, utils in cases:
+        if utils is None:
+            torch.library.opcheck(op, op_args)
+        else:
+            torch.library.opcheck(op, op_args, test_utils=utils)
 
 
 def test_compiles_as_one_opaque_node():
@@ -483,3 +498,57 @@ def test_op_defaults_are_the_configs_defaults():
         params = inspect.signature(fn).parameters
         for name in ("iterations", "bits", "clustering", "refine", "metric"):
             assert params[name].default == getattr(config, name), (fn.__name__, name)
+
+
+# -------------------------------------------------------------- fused kernels (impl="cpu")
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("shape", [dict(), dict(Hk=1, Nq=7, Nk=30), dict(Hk=4, Nq=33, Nk=5)])
+def test_fused_backward_matches_reference_autograd(pad, shape):
+    """The fused clustered backward (GQA, Nq != Nk, padding, empty clusters) against the
+    float64 oracle's autograd."""
+    q, k, v, mask = make_inputs(pad=pad, **shape)
+    a = random_assignments(q, 9, seed=3)  # 9 clusters: some stay empty
+    args = [t.requires_grad_(True) for t in (q, k, v)]
+    g = torch.randn(*q.shape[:3], v.shape[-1], dtype=F64)
+    got = torch.autograd.grad(clustered("cpu", *args, a, 9, mask), args, g)
+    want = torch.autograd.grad(clustered("reference", *args, a, 9, mask), args, g)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_gradients_in_low_precision_match_float64_reference(dtype):
+    q, k, v, mask = make_inputs(Nq=40, Nk=33, D=16, Dv=8, dtype=dtype, pad=True)
+    a = random_assignments(q, 5)
+    g = torch.randn(*q.shape[:3], v.shape[-1], dtype=F64)
+    args = [t.requires_grad_(True) for t in (q, k, v)]
+    got = torch.autograd.grad(clustered("cpu", *args, a, 5, mask), args, g.to(dtype))
+    up = [t.detach().to(F64).requires_grad_(True) for t in (q, k, v)]
+    want = torch.autograd.grad(clustered("reference", *up, a, 5, mask), up, g)
+    for x, y in zip(got, want, strict=True):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.to(F64), y, atol=_tolerance(dtype, y), rtol=0)
+
+
+def test_fused_improved_selects_the_oracles_top_k_keys():
+    """Without near-ties the streamed top-k equals torch.topk of the centroid scores (as sets),
+    also when k exceeds the valid keys (masked keys fill the rest)."""
+    q, k, v, mask = make_inputs(Nq=30, Nk=40, D=8, pad=True)
+    mask[0, 5:] = False  # batch 0: 5 valid keys
+    a = random_assignments(q, 4)
+    for topk in (3, 8, 40):
+        _, idx = OPS.improved_clustered_attention_from_assignments(q, k, v, a, mask, 4, topk,
+                                                                   0.3, "cpu")
+        _, want = reference.improved_clustered_attention_from_assignments(q, k, v, a, 4, mask,
+                                                                          0.3, topk)
+        valid = mask[:, None, None, :].expand(-1, 4, 4, -1)
+        got_valid = torch.gather(valid, -1, idx)
+        want_valid = torch.gather(valid, -1, want)
+        slots = a + torch.arange(8).view(2, 4, 1) * 4  # (b, h, cluster) slots
+        counts = torch.bincount(slots.flatten(), minlength=32).view(2, 4, 4)
+        for b, h, c in (counts > 0).nonzero().tolist():
+            chosen = set(idx[b, h, c][got_valid[b, h, c]].tolist())
+            assert chosen == set(want[b, h, c][want_valid[b, h, c]].tolist()), (b, h, c)
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct keys per cluster

@@ -1,7 +1,8 @@
 """Query clustering: popcount, LSH hashing, Hamming and Euclidean k-means.
 
-The oracle is ``clusterfx.ops.clustering.reference``; the fast CPU path must agree with it bit for
-bit (Hamming) given the same seed, on both of its GEMM forms (int8 per row and batched fp32).
+The oracle is ``clusterfx.ops.clustering.reference``; the fused C++ kernels (impl="cpu",
+``fused.py``) and the vectorised torch path (impl="torch", ``cpu.py``, on both of its GEMM forms:
+int8 per row and batched fp32) must agree with it bit for bit given the same seed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterfx.ops import clustering as cl
-from clusterfx.ops.clustering import cpu, reference
+from clusterfx.ops.clustering import cpu, fused, reference
 
-BACKENDS = (reference, cpu)
+BACKENDS = (reference, cpu, fused)
+BACKEND_IDS = ["reference", "torch", "fused"]
+FAST = ("cpu", "torch")  # impl names of the fused kernels and the vectorised torch path
 
 
 @pytest.fixture(params=["int8", "fp32"])
@@ -41,7 +44,7 @@ def test_popcount_matches_python_bin_count():
     x = torch.cat([torch.randint(-2**63, 2**63 - 1, (2000,), dtype=torch.int64),
                    torch.tensor([0, 1, -1, 2**63 - 1, -2**63, 0x5555555555555555])])
     expected = torch.tensor([bin(int(v) & (2**64 - 1)).count("1") for v in x])
-    for impl in ("reference", "cpu"):
+    for impl in ("reference", *FAST):
         assert torch.equal(cl.popcount(x, impl=impl), expected), impl
 
 
@@ -56,7 +59,7 @@ def test_lsh_hash_bits_follow_the_hyperplane_rule():
     for b in range(11):
         bit = (x @ planes[b, :5]) > planes[b, 5]
         expected |= bit.long() << b
-    for impl in ("reference", "cpu"):
+    for impl in ("reference", *FAST):
         assert torch.equal(cl.lsh_hash(x, planes, impl=impl), expected), impl
     assert int(expected.max()) < 2**11
 
@@ -76,7 +79,7 @@ def test_make_planes_is_seeded_and_device_dtype_independent():
 # ----------------------------------------------------------------------------------- k-means
 
 
-@pytest.mark.parametrize("mod", BACKENDS, ids=["reference", "cpu"])
+@pytest.mark.parametrize("mod", BACKENDS, ids=BACKEND_IDS)
 def test_hamming_ties_go_to_the_lowest_cluster(mod, gemm_form):
     # query 2 (0b01) is at distance 1 from both 0b00 and 0b11; query 3 equals nobody
     hashes = torch.tensor([[0b00, 0b11, 0b01, 0b10]])
@@ -101,7 +104,7 @@ def test_majority_vote_and_tie_to_zero(gemm_form):
     assert int(voted) == 0b0001 and counts.tolist() == [[4, 0]]
 
 
-@pytest.mark.parametrize("mod", BACKENDS, ids=["reference", "cpu"])
+@pytest.mark.parametrize("mod", BACKENDS, ids=BACKEND_IDS)
 def test_empty_cluster_is_reseeded_from_the_drawn_query(mod, gemm_form):
     # both centroids start on code 0, so cluster 1 wins no query and is empty after round 1;
     # it is re-seeded with query 4's code (0xFF), which then captures the two 0xFF queries.
@@ -118,7 +121,7 @@ def test_padded_queries_get_cluster_zero_and_no_count():
     torch.manual_seed(0)
     hashes = torch.randint(0, 2**20, (2, 3, 40))
     valid = torch.rand(2, 3, 40) > 0.4
-    for impl in ("reference", "cpu"):
+    for impl in ("reference", *FAST):
         a, counts = cl.hamming_kmeans(hashes, 4, bits=20, seed=1, valid=valid, impl=impl)
         assert (a[~valid] == 0).all()
         assert torch.equal(counts.sum(-1), valid.sum(-1))
@@ -140,10 +143,12 @@ def test_cpu_hamming_kmeans_equals_reference(R, N, C, bits, iterations, pad, see
         for int8_work in (0, 2**62):
             cpu._INT8_MIN_WORK, saved = int8_work, cpu._INT8_MIN_WORK
             try:
-                got = cl.hamming_kmeans(hashes, C, iterations, bits, seed, valid, impl="cpu")
+                got = cl.hamming_kmeans(hashes, C, iterations, bits, seed, valid, impl="torch")
             finally:
                 cpu._INT8_MIN_WORK = saved
             assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+        got = cl.hamming_kmeans(hashes, C, iterations, bits, seed, valid, impl="cpu")
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
 
 
 @pytest.mark.parametrize("clustering", ["hamming", "kmeans"])
@@ -153,8 +158,9 @@ def test_cluster_queries_cpu_equals_reference_and_is_deterministic(clustering, g
     q = (centres[torch.randint(0, 5, (2, 3, 60))] + 0.1 * torch.randn(2, 3, 60, 8,
                                                                       dtype=torch.float64))
     ref = cl.cluster_queries(q, 5, seed=11, clustering=clustering, impl="reference")
-    got = cl.cluster_queries(q, 5, seed=11, clustering=clustering, impl="cpu")
-    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    for impl in FAST:
+        got = cl.cluster_queries(q, 5, seed=11, clustering=clustering, impl=impl)
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]), impl
     assert torch.equal(got[0], cl.cluster_queries(q, 5, seed=11, clustering=clustering)[0])
     assert got[1].shape == (2, 3, 5) and (got[1].sum(-1) == 60).all()
     torch.manual_seed(5)
@@ -187,7 +193,7 @@ def test_euclidean_kmeans_finds_separated_blobs():
     centres = torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
     labels = torch.arange(3).repeat_interleave(20)
     x = centres[labels] + torch.randn(60, 2)
-    for impl in ("reference", "cpu"):
+    for impl in ("reference", *FAST):
         a, counts = cl.euclidean_kmeans(x[None], 3, iterations=10, seed=0, impl=impl)
         # same partition as the blobs (up to renaming): each blob maps to one cluster
         pairs = {(int(lab), int(c)) for lab, c in zip(labels, a[0], strict=True)}
@@ -316,6 +322,7 @@ def test_metric_hash_cpu_equals_reference_and_is_shift_and_scale_invariant():
     planes = cl.make_planes(63, 6, seed=2, dtype=torch.float64)
     ref = cl.lsh_hash(q, planes, impl="reference", metric=m)
     assert torch.equal(ref, cl.lsh_hash(q, planes, impl="cpu", metric=m))
+    assert torch.equal(ref, cl.lsh_hash(q, planes, impl="torch", metric=m))
     # centred SimHash: a common shift of the queries and a positive scale change nothing
     shifted = q * 3.5 + torch.randn(1, 1, 1, 6, dtype=torch.float64) * 10
     assert torch.equal(ref, cl.lsh_hash(shifted, planes, impl="cpu", metric=m))
@@ -338,7 +345,7 @@ def test_metric_hash_ignores_what_the_keys_cannot_see_and_the_masked_queries():
     m = cl.attention_metric(k)
     planes = cl.make_planes(40, 8, seed=0, dtype=torch.float64)
     noise = torch.randn(1, 1, 30, 6, generator=g, dtype=torch.float64) @ unseen.T * 100
-    for impl in ("reference", "cpu"):
+    for impl in ("reference", *FAST):
         base = cl.lsh_hash(q, planes, impl=impl, metric=m)
         assert torch.equal(base, cl.lsh_hash(q + noise, planes, impl=impl, metric=m))
         keep = torch.ones(1, 1, 30, dtype=torch.bool)
@@ -364,8 +371,9 @@ def test_cluster_queries_with_a_metric_cpu_equals_reference(clustering, gemm_for
     q, m = _metric_inputs(5)
     kw = dict(seed=9, clustering=clustering, metric=m, refine=2)
     ref = cl.cluster_queries(q, 6, impl="reference", **kw)
-    got = cl.cluster_queries(q, 6, impl="cpu", **kw)
-    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    for impl in FAST:
+        got = cl.cluster_queries(q, 6, impl=impl, **kw)
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]), impl
     assert torch.equal(got[1].sum(-1), torch.full((2, 3), 40))
     if clustering == "kmeans":  # Euclidean k-means on q M^½, then Lloyd in M
         mapped = cl.cluster_queries(q @ cl.metric_root(m), 6, seed=9, clustering="kmeans",
@@ -422,3 +430,57 @@ def test_non_finite_keys_fall_back_to_the_euclidean_geometry_instead_of_failing(
     out = clustered_attention(q, k, v, clusters=4, seed=0)  # no linalg error
     assert out[0, 0].isnan().all()  # as dense attention: every row reads the NaN key
     assert out[0, 1].isfinite().all()  # the other head's keys are finite: untouched
+
+
+@settings(max_examples=25, deadline=None)
+@given(R=st.integers(1, 3), N=st.integers(1, 50), D=st.integers(1, 9), C=st.integers(1, 12),
+       bits=st.integers(1, 63), iterations=st.integers(1, 4), refine=st.integers(0, 2),
+       clustering=st.sampled_from(["hamming", "kmeans"]), with_metric=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_fused_cluster_queries_equals_reference(R, N, D, C, bits, iterations, refine, clustering,
+                                                with_metric, seed):
+    """The fused kernel (hash or metric map, k-means, Lloyd steps in one call) gives the
+    oracle's clusters bit for bit in float64, with duplicated queries (Hamming ties), C > N."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(R, N, D, generator=g, dtype=torch.float64)
+    if clustering == "hamming":  # duplicates make ties (Euclidean distances of duplicates
+        q[:, N // 2:] = q[:, :1]  # differ by rounding between the oracle's and the GEMM form)
+    metric = centre = None
+    if with_metric:
+        k = torch.randn(1, R, 2 * D + 3, D, generator=g, dtype=torch.float64)
+        metric = cl.attention_metric(k)[0]
+        centre = torch.rand(R, N, generator=g) > 0.3
+    kw = dict(iterations=iterations, bits=bits, seed=seed % 1000, clustering=clustering,
+              refine=refine, metric=metric, centre_mask=centre)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cl.cluster_queries(q, C, impl="reference", **kw)
+        got = cl.cluster_queries(q, C, impl="cpu", **kw)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+def test_fused_euclidean_kmeans_with_padding_equals_reference():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, 5, generator=g, dtype=torch.float64)
+    valid = torch.rand(3, 40, generator=g) > 0.4
+    ref = cl.euclidean_kmeans(x, 6, iterations=4, seed=2, valid=valid, impl="reference")
+    got = cl.euclidean_kmeans(x, 6, iterations=4, seed=2, valid=valid, impl="cpu")
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    assert (got[0][~valid] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_low_precision_clusters_like_the_torch_path(dtype):
+    """fp32/fp16/bf16 queries are clustered in float32 by both fast paths; well-separated
+    clusters leave no near-ties, so the two agree exactly."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 16, generator=g) * 10
+    q = (centres[torch.randint(0, 6, (2, 4, 80), generator=g)]
+         + 0.05 * torch.randn(2, 4, 80, 16, generator=g)).to(dtype)
+    k = torch.randn(2, 4, 50, 16, generator=g).to(dtype)
+    m = cl.attention_metric(k)
+    for metric in (None, m):
+        kw = dict(seed=3, refine=1, metric=metric)
+        got = cl.cluster_queries(q, 6, impl="cpu", **kw)
+        want = cl.cluster_queries(q, 6, impl="torch", **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

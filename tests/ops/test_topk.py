@@ -12,6 +12,7 @@ from tests.helpers import oracle_tolerance
 
 F64 = torch.float64
 TRITON = pytest.mark.triton
+IMPLS = ("cpu", "torch")  # the fused C++ kernels and the vectorised torch path
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,7 @@ def tolerance(dtype, ref, d):
     return oracle_tolerance(dtype, ref, reduction=d, accumulation_ulps=4.0, floor=1.0)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "reference"])
+@pytest.mark.parametrize("impl", ["cpu", "torch", "reference"])
 @pytest.mark.parametrize("kind", ["none", "bool", "additive", "causal"])
 @pytest.mark.parametrize("extra", [0, 7])
 def test_topk_at_least_nk_equals_dense_sdpa(impl, kind, extra):
@@ -57,16 +58,17 @@ def test_topk_at_least_nk_equals_dense_sdpa(impl, kind, extra):
     torch.testing.assert_close(out, dense, atol=1e-12, rtol=1e-12)
 
 
-def test_topk_one_returns_value_of_argmax_key():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_one_returns_value_of_argmax_key(impl):
     q, k, v = make_qkv()
     scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)  # (B, H, Nq, Nk)
     best = scores.argmax(dim=-1).unsqueeze(-1).expand(-1, -1, -1, v.shape[-1])  # (B, H, Nq, Dv)
     expected = v.repeat_interleave(2, dim=1).gather(2, best)
-    out = topk_attention(q, k, v, topk=1, impl="cpu", chunk_size=3)
+    out = topk_attention(q, k, v, topk=1, impl=impl, chunk_size=3)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "reference"])
+@pytest.mark.parametrize("impl", ["cpu", "torch", "reference"])
 def test_causal_output_ignores_future_keys(impl):
     q, k, v = make_qkv(nq=12, nk=12)
     out = topk_attention(q, k, v, topk=4, is_causal=True, impl=impl, chunk_size=5)
@@ -80,41 +82,45 @@ def test_causal_output_ignores_future_keys(impl):
         assert not torch.allclose(out2[:, :, t + 1:], out[:, :, t + 1:])  # the test can see
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("topk", [3, 20])
-def test_padded_keys_are_irrelevant(topk):
+def test_padded_keys_are_irrelevant(topk, impl):
     q, k, v = make_qkv(nk=16)
     keep = torch.ones(2, 1, 1, 16, dtype=torch.bool)
     keep[0, ..., 10:] = False  # batch 0 has 10 real keys, batch 1 has 16
-    out = topk_attention(q, k, v, topk=topk, attn_mask=keep, impl="cpu", chunk_size=4)
+    out = topk_attention(q, k, v, topk=topk, attn_mask=keep, impl=impl, chunk_size=4)
     k2, v2 = k.clone(), v.clone()
     for x in (k2, v2):
         x[0, :, 10:] = 100 * torch.randn_like(x[0, :, 10:])
-    out2 = topk_attention(q, k2, v2, topk=topk, attn_mask=keep, impl="cpu", chunk_size=4)
+    out2 = topk_attention(q, k2, v2, topk=topk, attn_mask=keep, impl=impl, chunk_size=4)
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_rows_are_convex_combinations_and_empty_rows_are_zero(kind):
+def test_rows_are_convex_combinations_and_empty_rows_are_zero(kind, impl):
     (q, k, v), mask = make_qkv(), make_mask(kind, 2, 4, 11, 13)
-    row_sum = topk_attention(q, k, torch.ones_like(v), topk=5, attn_mask=mask, is_causal=True)
+    row_sum = topk_attention(q, k, torch.ones_like(v), topk=5, attn_mask=mask, is_causal=True,
+                             impl=impl)
     full = torch.broadcast_to(mask if kind == "bool" else mask > float("-inf"), (2, 4, 11, 13))
     has_key = (full & torch.ones(11, 13, dtype=torch.bool).tril()).any(-1, keepdim=True)
     assert (~has_key).any() and has_key.any()
     torch.testing.assert_close(row_sum, has_key.to(F64).expand_as(row_sum), atol=1e-14, rtol=0)
-    out = topk_attention(q, k, v, topk=5, attn_mask=mask, is_causal=True, impl="cpu")
+    out = topk_attention(q, k, v, topk=5, attn_mask=mask, is_causal=True, impl=impl)
     lo, hi = v.amin(dim=2, keepdim=True), v.amax(dim=2, keepdim=True)
     lo, hi = lo.repeat_interleave(2, dim=1), hi.repeat_interleave(2, dim=1)
     assert bool(((out >= lo - 1e-12) & (out <= hi + 1e-12) | ~has_key).all())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["none", "bool", "additive"])
-def test_cpu_matches_reference_in_low_precision(dtype, kind):
+def test_cpu_matches_reference_in_low_precision(dtype, kind, impl):
     q, k, v = make_qkv(nq=40, nk=50, d=16, dtype=dtype)
     mask = make_mask(kind, 2, 4, 40, 50)
     ref = topk_attention_reference(q.double(), k.double(), v.double(), topk=6, attn_mask=mask,
                                    is_causal=True)
-    out = topk_attention(q, k, v, topk=6, attn_mask=mask, is_causal=True, impl="cpu",
+    out = topk_attention(q, k, v, topk=6, attn_mask=mask, is_causal=True, impl=impl,
                          chunk_size=16)
     err = (out.double() - ref).abs().max()
     assert out.dtype == dtype and err <= tolerance(dtype, ref, 16), f"{dtype}: error {err}"
@@ -125,7 +131,7 @@ def test_chunk_size_does_not_change_the_result():
     # noise cannot flip a top-k choice; in fp32 a near-tie at the k-th score can flip.
     q, k, v = make_qkv(nq=40, nk=37)
     mask = make_mask("additive", 2, 4, 40, 37)
-    outs = [topk_attention(q, k, v, topk=5, attn_mask=mask, is_causal=True, impl="cpu",
+    outs = [topk_attention(q, k, v, topk=5, attn_mask=mask, is_causal=True, impl="torch",
                            chunk_size=c) for c in (1, 7, 1000)]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-13, rtol=0)
@@ -143,10 +149,11 @@ def separated_inputs(nq=5, nk=7, d=3, seed=3):
     return [t.requires_grad_() for t in (q, k, v, mask)]
 
 
-def test_gradcheck_float64_and_gradients_match_reference_autograd():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_float64_and_gradients_match_reference_autograd(impl):
     inputs = separated_inputs()
     op = lambda q, k, v, m: topk_attention(q, k, v, topk=3, attn_mask=m, is_causal=True,
-                                           impl="cpu", chunk_size=2)
+                                           impl=impl, chunk_size=2)
     assert torch.autograd.gradcheck(op, inputs)
     ref = lambda q, k, v, m: topk_attention_reference(q, k, v, topk=3, attn_mask=m,
                                                       is_causal=True)
@@ -157,7 +164,8 @@ def test_gradcheck_float64_and_gradients_match_reference_autograd():
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "reference", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("impl", ["cpu", "torch", "reference",
+                                  pytest.param("triton", marks=TRITON)])
 @pytest.mark.parametrize("kind", ["none", "bool", "additive"])
 def test_opcheck(impl, kind, request):
     if impl == "triton":
@@ -169,13 +177,14 @@ def test_opcheck(impl, kind, request):
     args = (q, k, v, 3, mask, True, None, 4, impl)
     torch.library.opcheck(torch.ops.clusterfx.topk_attention.default, args)
     plain = [None if t is None else t.detach() for t in (q, k, v, mask)]  # no double backward
-    bwd_args = (torch.randn(2, 4, 6, 5), *plain, 3, True, 0.3, 4, kind == "additive")
+    bwd_args = (torch.randn(2, 4, 6, 5), *plain, 3, True, 0.3, 4, kind == "additive", impl)
     torch.library.opcheck(torch.ops.clusterfx.topk_attention_backward.default, bwd_args)
 
 
-def test_compiles_fullgraph_with_matching_outputs_and_gradients():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compiles_fullgraph_with_matching_outputs_and_gradients(impl):
     inputs = separated_inputs(nq=6, nk=8)
-    fn = lambda q, k, v, m: topk_attention(q, k, v, topk=3, attn_mask=m, impl="cpu")
+    fn = lambda q, k, v, m: topk_attention(q, k, v, topk=3, attn_mask=m, impl=impl)
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     out, out_c = fn(*inputs), compiled(*inputs)
     torch.testing.assert_close(out_c, out, atol=0, rtol=0)
@@ -206,8 +215,9 @@ def test_fuzz_cpu_matches_reference(data):
                 else torch.randn(shape, generator=g, dtype=F64))
     kw = dict(topk=draw(st.integers(1, nk + 2)), attn_mask=mask, is_causal=draw(st.booleans()))
     ref = topk_attention_reference(q, k, v, **kw)
-    out = topk_attention(q, k, v, chunk_size=draw(st.integers(1, 8)), impl="cpu", **kw)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for impl in IMPLS:
+        out = topk_attention(q, k, v, chunk_size=draw(st.integers(1, 8)), impl=impl, **kw)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
 BAD = [
@@ -297,3 +307,20 @@ def test_triton_gathered_kernel_with_arbitrary_indices(interpret):
     out = gathered_attention_triton(q, k, v, idx, bias, 0.7)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
     assert out[:, :, 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "additive", "causal"])
+def test_fused_backward_matches_reference_autograd(kind):
+    """impl="cpu" runs its own backward kernel when the mask needs no gradient (GQA, masks,
+    causality, k > valid keys): gradients equal the float64 oracle's autograd."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(nq=9, nk=12, seed=5))
+    causal, mask = kind == "causal", make_mask("bool" if kind == "causal" else kind, 2, 4, 9, 12)
+    weight = torch.randn(2, 4, 9, 5, dtype=F64)
+    for topk in (4, 20):
+        kw = dict(topk=topk, attn_mask=mask, is_causal=causal)
+        got = torch.autograd.grad((topk_attention(q, k, v, impl="cpu", **kw) * weight).sum(),
+                                  (q, k, v))
+        want = torch.autograd.grad((topk_attention_reference(q, k, v, **kw) * weight).sum(),
+                                   (q, k, v))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
