@@ -133,7 +133,7 @@ def causal_conditional_attention(
         backend = resolve_impl(impl, q.device)
         telemetry.record("causal_conditional_attention", backend, site=site,
                          path=f"{PATHS[path]} [{backend}]")
-        out, fam, _ = torch.ops.clusterfx.conditional_attention(
+        out, fam, *_ = torch.ops.clusterfx.conditional_attention(
             q, k, v, attn_mask, scale, method, *spec.to_args(), topk, 0, impl, "")
     return (out.contiguous(), ka, qa, idx, fam,
             torch.tensor(path, dtype=torch.int64, device=q.device))
@@ -155,9 +155,10 @@ def causal_conditional_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     p = int(path)
     if p == 4:
+        no_idx = torch.zeros(0, dtype=torch.int64, device=q.device)  # i-clustered: recompute
         return torch.ops.clusterfx.conditional_attention_backward(
-            grad, q, k, v, attn_mask, fam_assign, torch.zeros((), dtype=torch.int64), scale,
-            method, clusters, topk, impl)
+            grad, q, k, v, attn_mask, fam_assign, torch.zeros((), dtype=torch.int64), no_idx,
+            scale, method, clusters, topk, impl)
     if p in (2, 3):
         fn = lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale)  # noqa: E731
     else:

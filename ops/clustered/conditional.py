@@ -22,8 +22,9 @@ No gradient flows to `attn_mask`; the lowering declines masks that require grad.
 
 Shapes: q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), H a multiple of Hk; attn_mask
 broadcastable to (B, H, Nq, Nk), bool (True = attend) or additive → out (B, H, Nq, Dv),
-assignments (B, H, Nq) int64 (zeros on exact paths), path () int64, idx (B, H, C,
-min(topk, Nk)) int64: i-clustered's top-k keys per cluster (zeros otherwise).
+assignments (B, H, Nq) int64 (zeros on exact paths), path () int64, idx (B, H, C' + 1,
+min(topk, Nk)) int64 with C' = min(C, Nq): i-clustered's top-k keys per cluster and the spare
+cluster's row (zeros otherwise).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def conditional_attention_backward(
         clusters = checks.spare_clusters(clusters, q)  # as the forward used
         dq, dk, dv = registration.attention_grads(
             impl, grad, q, k, v, assignments, clusters, keep, scale,
-            *((None, None) if method == "clustered" else (idx.shape[-1], idx)))
+            # an empty idx (a caller without the forward's selection): top-k recomputed
+            *((None, None) if method == "clustered" else
+              (min(topk, k.shape[2]), idx if idx.numel() else None)))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
