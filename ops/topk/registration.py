@@ -33,6 +33,11 @@ def resolve(impl: str, device: torch.device) -> str:
     return resolve_impl(impl, device, NATIVE_IMPLS, fused.LIB)
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    """Every entry finite (three reductions; memory-bound, small next to top-k's GEMMs)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _scale(q: torch.Tensor, scale: float | None) -> float:
     if scale is not None:
         return scale
@@ -49,7 +54,13 @@ def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: 
     if is_degenerate(q, k, v):  # a zero-size dim: exact attention's answer (empty / zeros)
         telemetry.record("topk_attention", "dense", site=site, path="exact: empty input")
         return degenerate_attention(q, k, v, _rank4(attn_mask), is_causal, scale).contiguous()
-    telemetry.record("topk_attention", name, site=site, path=f"top-k [{name}]")
+    path = f"top-k [{name}]"
+    if name == "cpu" and not _finite(q, k, v):
+        # the fused kernel's running top-k compares scores, and NaN compares false: it would
+        # return finite rows where exact attention has NaN. The vectorised path spreads NaN
+        # and inf exactly as dense attention's scores do (tests/ops/test_robust_inputs.py).
+        name, path = "torch", "top-k [torch: non-finite input]"
+    telemetry.record("topk_attention", name, site=site, path=path)
     args = dict(topk=topk, attn_mask=_rank4(attn_mask), is_causal=is_causal,
                 scale=_scale(q, scale))
     if name == "reference":
@@ -83,7 +94,7 @@ def _topk_attention_backward_op(
         dq, dk, dv, dmask = _degenerate_backward(grad, q, k, v, attn_mask, is_causal, scale,
                                                  mask_grad)
         return dq, dk, dv, dmask
-    if not mask_grad and resolve(impl, q.device) == "cpu":
+    if not mask_grad and resolve(impl, q.device) == "cpu" and _finite(q, k, v):
         dq, dk, dv = fused.topk_attention_backward(grad, q, k, v, _rank4(attn_mask), topk=topk,
                                                    is_causal=is_causal, scale=scale)
         dmask = None
