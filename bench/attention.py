@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from clusterfx.apps.common import busy_neighbours
+from clusterfx.bench.limits import check_sizes
 from clusterfx.config.configs import ImprovedClustered
 from clusterfx.ops.common.telemetry import counters
 
@@ -281,6 +282,9 @@ def _settings(args: argparse.Namespace) -> dict:
             raise ValueError(f"{name} ({value}) must be a positive integer")
     if args.refine < 0:
         raise ValueError(f"--refine ({args.refine}) must be >= 0")
+    heads, dtype = args.heads or (16 if cuda else 8), args.dtype or (
+        "bfloat16" if cuda else "float32")
+    check_sizes(sizes, 1, heads, args.dim, dtype, args.device)
     if args.load < 0:
         raise ValueError(f"--load ({args.load}) must be >= 0")
     if args.threads:

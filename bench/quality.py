@@ -274,7 +274,7 @@ def compile_and_encode(encoder: Encoder, policy: Any, backend: str, token_ids: l
         compiled = cfx_compile(encoder, policy=policy, backend=backend)
         emb = encode(compiled, token_ids, batches, pad_id)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"compiling with {policy!r}: {exc}") from None
+        raise ValueError(f"compiling with {policy!r}: {exc}") from exc
     return emb, explain(compiled), time.perf_counter() - start
 
 

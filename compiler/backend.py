@@ -4,6 +4,7 @@ backend)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from clusterfx.compiler.capture import count_runs
 from clusterfx.compiler.install import lift_installed, with_parameters
 from clusterfx.compiler.state import CompileState
 from clusterfx.config.policy import Policy
+from clusterfx.passes.analysis.graph_utils import frame_sources, rebase_module_paths
 from clusterfx.passes.base import PassContext
 
 _OWN_NAME = "clusterfx"
@@ -37,6 +40,39 @@ def _frame_key() -> str:
     return f"frame{getattr(cid, 'frame_id', None)}"
 
 
+def _resolve(source: str, f_locals: dict) -> Any:
+    """The object a frame source names: `L['self']`, `L['args'][0]`."""
+    m = re.match(r"^L\['([^']*)'\]((?:\[\d+\])*)$", source)
+    if not m or m.group(1) not in f_locals:
+        return None
+    obj = f_locals[m.group(1)]
+    for index in re.findall(r"\[(\d+)\]", m.group(2)):
+        try:
+            obj = obj[int(index)]
+        except (TypeError, IndexError, KeyError):
+            return None
+    return obj
+
+
+def frame_roots(gm: fx.GraphModule, module_paths: dict[int, str]) -> dict[str, str]:
+    """{frame source: module path in the compiled model} for the frame being compiled, so that
+    a graph captured inside a submodule's forward (after a graph break) reports full paths."""
+    if not module_paths:
+        return {}
+    try:  # dynamo is tracing this frame: its translator holds the frame's real locals
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        f_locals = InstructionTranslator.current_tx().f_locals
+    except Exception:  # noqa: BLE001 - no translator (e.g. called outside dynamo): no rebase
+        return {}
+    roots = {}
+    for source in frame_sources(gm):
+        obj = _resolve(source, f_locals)
+        if obj is not None and id(obj) in module_paths:
+            roots[source] = module_paths[id(obj)]
+    return roots
+
+
 class ClusterfxBackend:
     """`torch.compile(model, backend=ClusterfxBackend(state))`."""
 
@@ -47,6 +83,7 @@ class ClusterfxBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list, mode: str | None = None,
                  options: dict | None = None):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        rebase_module_paths(gm, frame_roots(gm, self.state.module_paths))
         with self.state.lock:
             index = len(self.state.records)
             ctx = torch._guards.CompileContext.try_get()
@@ -56,19 +93,22 @@ class ClusterfxBackend:
             self._subgraph_counter[cid] = n + 1
         pass_ctx = PassContext(concrete=dict(zip(placeholders, example_inputs)),
                                graph_index=index, compile_id=f"{_frame_key()}/{n}",
-                               tag_prefix=self.state.telemetry.token, root=self.state.root)
+                               tag_prefix=self.state.telemetry.token,
+                               causal_modules=self.state.causal_modules, root=self.state.root)
         record = self.state.manager.run(gm, pass_ctx, self.state.stop_after,
                                         self.state.dump_dir)
         with self.state.lock:
             self.state.records.append(record)
         lifted = lift_installed(gm)  # modules a rewrite added to the model (compiler/install)
-        if lifted is not None:
+        if lifted is None:
+            compiled = _downstream(self.state.backend, gm, example_inputs, mode, options,
+                                   self.state.cache_key())
+        else:
             gm, params, examples = lifted
-            return with_parameters(_downstream(self.state.backend, gm,
-                                               [*example_inputs, *examples], mode, options,
-                                               self.state.cache_key()), params)
-        return _downstream(self.state.backend, gm, example_inputs, mode, options,
-                           self.state.cache_key())
+            compiled = with_parameters(_downstream(self.state.backend, gm,
+                                                   [*example_inputs, *examples], mode, options,
+                                                   self.state.cache_key()), params)
+        return count_runs(compiled, self.state)
 
 
 class CacheStamp(CustomGraphPass):

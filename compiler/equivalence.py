@@ -279,6 +279,8 @@ def _check_no_dropout(model: Any, role: str) -> None:
     if not isinstance(model, nn.Module) or not model.training:
         return
     for name, m in model.named_modules():
+        if not m.training:  # a submodule put in eval mode draws no mask
+            continue
         if isinstance(m, nn.modules.dropout._DropoutNd):
             p = m.p
         elif isinstance(m, nn.MultiheadAttention):

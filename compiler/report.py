@@ -7,6 +7,8 @@ from typing import Any
 
 import sympy
 
+from clusterfx.config.vocabulary import Status
+from clusterfx.passes.lowerings.causal_clustered import RUNNABLE_KINDS
 from clusterfx.passes.site import Site
 
 _COLUMNS = ("fqn", "spelling", "shapes", "mask", "causal", "rewrite", "status", "flops",
@@ -67,12 +69,30 @@ class Row:
         return self.site.rewrite
 
     @property
-    def status(self) -> str:
-        return self.site.status
+    def exact_only(self) -> str:
+        """Why a rewritten site's approximate path never ran on the inputs seen ("" if it
+        did, or may): every call took the exact path for its mask, or (before any call) the
+        mask at the observed inputs is not key padding."""
+        if self.site.status is not Status.REWRITTEN:
+            return ""
+        if self.paths:
+            if all(p.startswith("exact: mask") for p in self.paths):
+                return "the approximate path never ran on the inputs seen: " + ", ".join(
+                    f"{p} x{n}" for p, n in self.paths.items())
+            return ""
+        if self.site.mask_observed and self.site.mask_kind not in RUNNABLE_KINDS:
+            return (f"at the observed inputs the mask is {self.site.mask_kind}, neither key "
+                    f"padding nor causal: the op runs exact attention for such inputs")
+        return ""
+
+    @property
+    def status(self) -> Status:
+        return Status.RUNS_EXACT if self.exact_only else self.site.status
 
     @property
     def reason(self) -> str:
-        return self.site.reason
+        why = self.exact_only
+        return "; ".join(r for r in (self.site.reason, why) if r)
 
     def costs(self) -> dict[str, Any]:
         """Symbolic FLOPs/bytes before and after, and their values at the observed shapes."""
@@ -96,7 +116,9 @@ class Row:
             "k_shape": [str(d) for d in s.k_shape], "v_shape": [str(d) for d in s.v_shape],
             "dtype": s.dtype, "mask": s.mask, "causal": s.causal, "scale": _jsonable(s.scale),
             "dropout_p": s.dropout_p, "gqa_groups": s.gqa_groups, "rewrite": s.rewrite,
-            "policy_key": s.policy_key, "status": s.status.value, "reason": s.reason,
+            "policy_key": s.policy_key, "status": self.status.value, "reason": self.reason,
+            "mask_kind": s.mask_kind, "mask_observed": s.mask_observed,
+            "causal_queries": s.causal_queries, "causal_why": s.causal_why,
             "probs_used_by": list(s.probs_used_by), "graph": s.graph_index,
             "config": None if s.config is None else s.config.to_dict(),
             "paths": self.paths, "min_length": s.min_length, "crossover": s.crossover, **costs,
@@ -114,9 +136,12 @@ class Row:
                       f"{_human(c['memory_after_value'])}B")
         shapes = f"q{_fmt_shape(s.q_shape)} k{_fmt_shape(s.k_shape)}"
         mask = s.mask + (f"{_fmt_shape(s.mask_shape)}" if s.mask != "none" else "")
+        if s.mask_kind:
+            mask += f" {s.mask_kind}" + (" (observed)" if s.mask_observed else "")
+        causal = "yes" if s.causal else ("queries" if s.causal_queries else "no")
         ran = ", ".join(f"{path} x{n}" for path, n in self.paths.items())
-        cells = [s.fqn or "<root>", s.spelling, shapes, mask, "yes" if s.causal else "no",
-                 s.rewrite, s.status.value, flops, memory, ran, s.reason]
+        cells = [s.fqn or "<root>", s.spelling, shapes, mask, causal,
+                 s.rewrite, self.status.value, flops, memory, ran, self.reason]
         if s.sequence_parallel is not None:
             record = s.sequence_parallel
             text = record.summary()
@@ -142,6 +167,9 @@ class Report:
     compiles: int = 0
     pass_seconds: float = 0.0
     policy: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0  # calls of the compiled model (0 for transform / the named backend)
+    # why (part of) a call ran uncompiled, dense and unreported -> number of calls
+    capture_problems: dict[str, int] = field(default_factory=dict)
     # with a mesh: {"mesh": description, "seq_len": S, "outside": [what, node, collective,
     # why] the pass inserted outside the attention sites, "traffic": their run-time counts}
     sequence_parallel: dict[str, Any] | None = None
@@ -178,6 +206,8 @@ class Report:
                 f"{self.compiles} compile(s); passes took {self.pass_seconds * 1e3:.1f} ms")
         if self.unmatched_keys:
             text += f"\npolicy keys that matched no site: {', '.join(self.unmatched_keys)}"
+        for cause, n in self.capture_problems.items():
+            text += f"\nNOT CAPTURED in {n} of {self.calls} call(s): {cause}"
         sp = self.sequence_parallel
         if sp:
             text += f"\nsequence parallel: {sp['mesh']}, sequence length {sp['seq_len']}"
@@ -205,7 +235,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [r.to_dict() for r in self.rows], "unmatched_keys": self.unmatched_keys,
                 "graphs": self.graphs, "compiles": self.compiles,
-                "pass_seconds": self.pass_seconds, "policy": self.policy,
+                "pass_seconds": self.pass_seconds, "policy": self.policy, "calls": self.calls,
+                "capture_problems": self.capture_problems,
                 **({"sequence_parallel": self.sequence_parallel}
                    if self.sequence_parallel else {})}
 

@@ -26,6 +26,18 @@ class CompileState:
     root: Any = None  # the compiled nn.Module, where rewrites install learnable modules
     resolved_mesh: ResolvedMesh | None = None
     records: list[GraphRecord] = field(default_factory=list)
+    # call-time capture watch (compiler/capture.py): calls of the compiled model, runs of the
+    # graphs clusterfx compiled, and why a call (or part of one) ran uncompiled
+    calls: int = 0
+    graph_runs: int = 0
+    capture_problems: dict[str, int] = field(default_factory=dict)
+    # id(module) -> its path in the compiled model (graphs captured inside a submodule's
+    # forward after a graph break name their modules from that submodule)
+    module_paths: dict[int, str] = field(default_factory=dict, repr=False)
+    # module path -> why it declares a causal query stream (passes/analysis/causality.py)
+    causal_modules: dict[str, str] = field(default_factory=dict, repr=False)
+    dynamo_limit: str = ""  # dynamo's last "hit config.*_limit" warning in a call of this model
+    code_state: Any = field(default=None, repr=False)  # dynamo's automatic-dynamic memory
     telemetry: SiteCounts = field(default_factory=new_sink, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     manager: PassManager = field(init=False, repr=False)

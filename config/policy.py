@@ -121,7 +121,17 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], strict: bool = False) -> Policy:
-        return cls.make({k: config_from_dict(v) for k, v in data.items()}, strict)
+        """Inverse of `to_dict`: {key: {"type": name, **fields} or None}."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a serialised policy must be a dict of key -> config dict, got "
+                             f"{type(data).__name__} {data!r}")
+        configs = {}
+        for key, value in data.items():
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"policy value for {key!r} ({value!r}) must be a config dict "
+                                 f"such as {{'type': 'clustered', 'clusters': 100}}, or None")
+            configs[key] = config_from_dict(value)
+        return cls.make(configs, strict)
 
     def cache_key(self) -> str:
         """A stable hash of the policy; it enters the compile cache key."""

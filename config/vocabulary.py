@@ -16,6 +16,9 @@ class Status(str, Enum):
 
     CANONICAL = "canonical"  # found and canonicalised; not lowered yet (transform stop_after)
     REWRITTEN = "rewritten"  # the policy's rewrite is in the graph
+    # rewritten, but on the inputs seen its approximate path never ran (the op chose exact
+    # attention every call: the mask was not key padding)
+    RUNS_EXACT = "rewritten, runs exact"
     KEPT_DENSE = "kept dense"  # the policy chose exact attention (Dense or None)
     DECLINED = "declined"  # the policy's rewrite cannot apply here; exact attention, with why
     UNSUPPORTED = "unsupported"  # attention-shaped but not readable exactly; left as written

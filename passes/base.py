@@ -36,6 +36,9 @@ class PassContext:
     compile_id: str = ""
     sites: list[Site] = field(default_factory=list)
     tag_prefix: str = ""  # the compile's telemetry sink token
+    # module path -> why it declares a causal query stream (`is_causal` / `is_decoder` set on
+    # the module, as Hugging Face attention modules do); see passes/analysis/causality.py
+    causal_modules: dict[str, str] = field(default_factory=dict)
     # the user's nn.Module being compiled (None for a plain function): rewrites that add
     # learnable modules (PatchToCluster) install them on it (passes/installed.py)
     root: Any = None

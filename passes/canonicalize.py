@@ -31,6 +31,7 @@ import torch.fx as fx
 from clusterfx.config.vocabulary import Decline, Status
 from clusterfx.ops.attention import attention as canonical_attention
 from clusterfx.passes.analysis import attention_reading as rd
+from clusterfx.passes.analysis import causality
 from clusterfx.passes.analysis import graph_utils as gu
 from clusterfx.passes.analysis.einsum_spec import read_scores, read_values
 from clusterfx.passes.analysis.mask_analysis import evaluate_static, is_causal_pattern
@@ -47,6 +48,7 @@ class MaskTerm:
     fill: float | None = None  # for keep/drop: the value given to masked scores
     outer: list = field(default_factory=list)  # scale factors applied after this term
     dtype: torch.dtype = torch.float32  # the scores' dtype where the term was applied
+    merged: bool = False  # in the (b0·b1, Nq, Nk) layout of a batch-merged bmm (`Match.split`)
 
 
 @dataclass
@@ -62,6 +64,13 @@ class Match:
     enable_gqa: bool = False  # SDPA's own flag; repeat_kv spellings are found in emit()
     out_perm: tuple | None = None
     chain: set = field(default_factory=set)  # score nodes walked so far (softmax side)
+    # (b0, b1) when the scores were computed on merged batch dims, (b0·b1, Nq, Nk), and viewed
+    # as (b0, b1, Nq, Nk) before the softmax: the canonical node works on the split layout
+    split: tuple | None = None
+
+    def add_mask(self, term: MaskTerm) -> None:
+        term.merged = self.split is not None
+        self.masks.append(term)
 
 
 # --------------------------------------------------------------------------- the matcher
@@ -81,7 +90,8 @@ class Canonicalizer:
         None when the softmax is not an attention (classifier head, gate, router...)."""
         cur, dropout_p, chain, others = sm, 0.0, [sm], []
         while True:
-            nxt = [u for u in cur.users if rd.is_cast(u) or rd.dropout_or_none(u) is not None]
+            nxt = [u for u in cur.users if rd.is_cast(u) or rd.dropout_or_none(u) is not None
+                   or rd.batch_merge(u)]
             others += [u.name for u in cur.users if u not in nxt and not rd.probs_matmul(u, cur)]
             pv = [u for u in cur.users if rd.probs_matmul(u, cur)]
             if pv and not nxt:
@@ -124,15 +134,15 @@ class Canonicalizer:
                     x, mask = b, a
                 else:
                     raise Decline("scores are a sum of two non-matmul tensors")
-                match.masks.append(MaskTerm(mask, "add", outer=list(match.factors)))
+                match.add_mask(MaskTerm(mask, "add", outer=list(match.factors)))
             elif gu.is_method(x, "masked_fill", "masked_fill_") or gu.is_function(
                     x, torch.masked_fill):
                 fill = rd.fill_value(gu.arg(x, 2, "value"), self.concrete)
                 if fill is None or fill > _MIN_FILL:
                     raise Decline(f"masked_fill with value {fill!r} (not a mask: a mask fills "
                                       f"with -inf or a value <= {_MIN_FILL:g})")
-                match.masks.append(MaskTerm(x.args[1], "drop", fill, list(match.factors),
-                                            gu.value_of(x).dtype))
+                match.add_mask(MaskTerm(x.args[1], "drop", fill, list(match.factors),
+                                        gu.value_of(x).dtype))
                 x = x.args[0]
             elif gu.is_function(x, torch.where):
                 cond, a, b = x.args[:3]
@@ -144,8 +154,8 @@ class Canonicalizer:
                     raise Decline("torch.where on the scores without a matmul branch")
                 if fill is None or fill > _MIN_FILL:
                     raise Decline(f"torch.where fills scores with {fill!r}, not a mask value")
-                match.masks.append(MaskTerm(cond, kind, fill, list(match.factors),
-                                            gu.value_of(x).dtype))
+                match.add_mask(MaskTerm(cond, kind, fill, list(match.factors),
+                                        gu.value_of(x).dtype))
             elif gu.is_function(x, *gu.MUL_FUNCS) or gu.is_method(x, "mul"):
                 split = rd.scalar_operand(x)
                 if split is None:
@@ -155,6 +165,9 @@ class Canonicalizer:
             elif (gu.is_function(x, *gu.DIV_FUNCS) or gu.is_method(x, "div")) and \
                     gu.is_scalar_like(x.args[1]):
                 match.factors.append(rd.Reciprocal(x.args[1]))
+                x = x.args[0]
+            elif rd.batch_split(x) is not None and match.split is None:
+                match.split = rd.batch_split(x)
                 x = x.args[0]
             elif rd.is_score_producer(x):
                 return x
@@ -170,13 +183,14 @@ class Canonicalizer:
             match.k = ("permute", rd.peel_scale(ops[1], match.factors), spec.perm_b)
             return
         if gu.is_function(producer, torch.baddbmm) or gu.is_method(producer, "baddbmm"):
-            bias, a, b = producer.args[:3]
+            bias, a, b = (gu.arg(producer, 0, "input"), gu.arg(producer, 1, "batch1"),
+                          gu.arg(producer, 2, "batch2"))
             beta = gu.static_number(producer.kwargs.get("beta", 1))
             alpha = producer.kwargs.get("alpha", 1)
             if beta not in (0.0, 1.0):
                 raise Decline(f"baddbmm with beta={beta!r}")
             if beta == 1.0:
-                match.masks.append(MaskTerm(bias, "add", outer=list(match.factors)))
+                match.add_mask(MaskTerm(bias, "add", outer=list(match.factors)))
             if alpha != 1:
                 match.factors.append(alpha)
             match.spelling = "baddbmm"
@@ -235,10 +249,17 @@ class Canonicalizer:
             self._static[node] = evaluate_static(node, self.concrete, self._positions)
         return self._static[node]
 
-    def combine_masks(self, terms: list[MaskTerm], like: fx.Node) -> tuple[Any, bool]:
-        """One SDPA-style mask (bool keep or additive float) from all terms, and causality."""
+    def combine_masks(self, terms: list[MaskTerm], like: fx.Node) -> tuple[Any, bool, Any]:
+        """One SDPA-style mask (bool keep or additive float) from all terms, causality, and the
+        rows a finite fill masks entirely (or None).
+
+        A finite fill (`masked_fill(m, finfo.min)`) *replaces* the scores: as an additive mask
+        the forward is the same (`fill + s` rounds to `fill`), but gradients would flow into
+        the scores of masked entries. They are exactly zero (softmax weight 0) except on rows
+        masked entirely, where the softmax is uniform; so additive terms applied before such a
+        fill are zeroed where it masks, and the caller zeroes those rows' queries."""
         causal = False
-        keeps, adds = [], []
+        keeps, adds, replaced = [], [], []  # replaced: finite-fill drop masks seen so far
         for t in terms:
             static = self.static_value(t.node)
             if static is not None:
@@ -255,6 +276,9 @@ class Canonicalizer:
                     inverse = isinstance(f, rd.Reciprocal)
                     op = gu.DIV_FUNCS[0] if inverse else gu.MUL_FUNCS[0]
                     node = self.editor.call(op, (node, f.x if inverse else f), like=like)
+                if replaced:  # a fill applied after this term replaced it where it masks
+                    node = self.editor.call(torch.where, (self._union(replaced, like), 0.0,
+                                                          node), like=like)
                 adds.append(node)
                 continue
             if t.fill == float("-inf"):
@@ -264,6 +288,11 @@ class Canonicalizer:
                 drop = t.node if t.kind == "drop" else self.editor.call(
                     torch.logical_not, (t.node,), like=like)
                 adds.append(self._additive(drop, t.fill, t.dtype, like))
+                replaced.append(drop)
+        dead = None
+        if replaced:
+            dead = self.editor.call("all", (self._union(replaced, like), -1), {"keepdim": True},
+                                    like=like, method=True)
         if adds:
             dtype = gu.value_of(adds[0]).dtype
             for keep in keeps:
@@ -272,13 +301,28 @@ class Canonicalizer:
             mask = adds[0]
             for extra in adds[1:]:
                 mask = self.editor.call(gu.ADD_FUNCS[0], (mask, extra), like=like)
-            return mask, causal
+            return mask, causal, dead
         if not keeps:
-            return None, causal
+            return None, causal, dead
         mask = keeps[0]
         for extra in keeps[1:]:
             mask = self.editor.call(torch.logical_and, (mask, extra), like=like)
-        return mask, causal
+        return mask, causal, dead
+
+    def _union(self, drops: list, like: fx.Node) -> Any:
+        union = drops[0]
+        for extra in drops[1:]:
+            union = self.editor.call(torch.logical_or, (union, extra), like=like)
+        return union
+
+    def _split_mask(self, mask: Any, split: tuple, like: fx.Node) -> Any:
+        """A mask term of the merged layout (b0·b1 | 1, Nq | 1, Nk) in the split layout."""
+        val = gu.value_of(mask)
+        if not isinstance(val, torch.Tensor) or val.dim() != 3:
+            return mask  # rank <= 2 broadcasts over any batch layout
+        if val.shape[0] == 1:
+            return self.editor.call("unsqueeze", (mask, 0), like=like, method=True)
+        return self.editor.call("unflatten", (mask, 0, split), like=like, method=True)
 
     def _additive(self, drop: fx.Node, fill: float, dtype: torch.dtype, like: fx.Node):
         """`zeros(drop.shape, dtype).masked_fill(drop, fill)`: the additive form of a mask."""
@@ -291,20 +335,36 @@ class Canonicalizer:
             q = self.materialise(match.q, like)
             k = self.materialise(match.k, like)
             v = self.materialise(match.v, like)
+            if match.split is not None:  # (b0·b1, N, D) -> (b0, b1, N, D), masks alike
+                q, k, v = (self.editor.call("unflatten", (x, 0, match.split), like=like,
+                                            method=True) for x in (q, k, v))
+                for t in match.masks:
+                    if t.merged:
+                        t.node = self._split_mask(t.node, match.split, like)
             k, v, groups = rd.unwrap_gqa(k, v)
             match.enable_gqa = match.enable_gqa or groups > 1
             scale, q = self.scale_value(match.factors, like, q)
-            mask, causal = self.combine_masks(match.masks, like)
+            mask, causal, dead = self.combine_masks(match.masks, like)
+            if dead is not None:  # rows a finite fill masks entirely: no gradient to q·kᵀ
+                q = self.editor.call(torch.where, (dead, 0.0, q), like=like)
             match.is_causal = match.is_causal or causal
             node = self.editor.call(
                 canonical_attention,
                 (q, k, v, mask, match.dropout_p, match.is_causal, scale, match.enable_gqa),
                 like=like)
             out = node
+            if match.split is not None:
+                out = self.editor.call("flatten", (node, 0, 1), like=like, method=True)
             if match.out_perm is not None:
                 out = self.editor.call("permute", (node, *match.out_perm), like=like,
                                        method=True)
         return node, out
+
+
+def _site_of(node: fx.Node) -> Site | None:
+    if node.op == "call_function" and node.target is canonical_attention:
+        return node.meta.get(SITE_META)
+    return None
 
 
 def _static_scale_ok(term: MaskTerm) -> bool:
@@ -327,11 +387,12 @@ class Canonicalize(GraphPass):
 
     def source_modules(self) -> list[str]:
         return [__name__, rd.__name__, gu.__name__, evaluate_static.__module__,
-                read_scores.__module__]
+                read_scores.__module__, causality.__name__]
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(self.name)
-        for site in canonicalize_attention(gm, ctx.concrete, ctx.graph_index):
+        for site in canonicalize_attention(gm, ctx.concrete, ctx.graph_index,
+                                           ctx.causal_modules):
             ctx.sites.append(site)
             result.counters[site.status.name.lower()] += 1
             if site.status is Status.UNSUPPORTED:
@@ -340,9 +401,12 @@ class Canonicalize(GraphPass):
 
 
 def canonicalize_attention(gm: fx.GraphModule, concrete: dict[fx.Node, Any] | None = None,
-                           graph_index: int = 0) -> list[Site]:
-    """Rewrite every attention of `gm` into `clusterfx::attention`; return one Site each.
-    `concrete` maps placeholders to real example inputs (for static mask evaluation)."""
+                           graph_index: int = 0,
+                           causal_modules: dict[str, str] | None = None) -> list[Site]:
+    """Rewrite every attention of `gm` into `clusterfx::attention`; return one Site each,
+    with its mask kind and causal query stream (passes/analysis/causality.py).
+    `concrete` maps placeholders to real example inputs (for static mask evaluation);
+    `causal_modules` maps module paths to why they declare a causal stream."""
     canon = Canonicalizer(gm, concrete or {})
     sites: list[Site] = []
     for node in list(gm.graph.nodes):
@@ -357,6 +421,7 @@ def canonicalize_attention(gm: fx.GraphModule, concrete: dict[fx.Node, Any] | No
         site = _canonicalize_softmax(canon, node, parsed, graph_index)
         if site is not None:
             sites.append(site)
+    causality.annotate(gm, concrete or {}, causal_modules or {}, _site_of)
     gm.graph.lint()
     gm.recompile()
     return sites
@@ -372,6 +437,13 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
     except Decline as exc:
         return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
     if forward is None:
+        # not `probs @ v` as written; attention-shaped all the same when a product of two
+        # activations feeds the scores and the probabilities reach one (banded layouts,
+        # probabilities edited before the values): recorded, never silently missed
+        if rd.score_ancestor(scores) and rd.values_consumer(sm) is not None:
+            return _unsupported(sm, "softmax-matmul", (
+                f"the probabilities reach the values matmul through {rd.first_unread_user(sm)} "
+                f"(e.g. a banded or chunked layout); left as written"), graph_index)
         return None
     pv, dropout_p, chain, others = forward
     match = Match("matmul", None, None, None, dropout_p=dropout_p)
@@ -379,12 +451,20 @@ def _canonicalize_softmax(canon: Canonicalizer, sm: fx.Node, parsed, graph_index
         producer = canon.backward_side(scores, match)
         canon.read_qk(producer, match)
         canon.read_v(pv, chain[-1], match)
+        if (match.split is not None) != any(rd.batch_merge(n) for n in chain):
+            raise Decline("the scores and the probabilities are in different batch layouts")
     except Decline as exc:
         if not rd.has_score_ancestor(scores):
             return None  # e.g. softmax(linear(x)).mT @ x: pooling, not q·kᵀ attention
         return _unsupported(sm, "softmax-matmul", str(exc), graph_index)
     if nd < 3:
         return _unsupported(sm, match.spelling, "unbatched 2-D attention", graph_index)
+    refs = [rd.node_of(r) for r in (match.q, match.k, match.v)]
+    if any((gu.ndim(r) or 0) < 3 for r in refs):
+        if any(rd.weight_only(r) for r in refs[1:]):
+            return None  # softmax(x @ W) @ U over learned columns: a router, not attention
+        return _unsupported(sm, match.spelling, "keys or values of rank 2 (shared by the "
+                            "whole batch); the canonical op takes (..., N, D)", graph_index)
     if match.spelling == "matmul" and gu.is_function(producer, torch.bmm):
         match.spelling = "bmm"
     site = Site(gu.module_path(sm), match.spelling, graph_index=graph_index)
@@ -416,7 +496,8 @@ def _canonicalize_sdpa(canon: Canonicalizer, node: fx.Node, graph_index: int) ->
                   enable_gqa=bool(gqa))
     if scale is None:
         head_dim = gu.value_of(q).shape[-1]
-        scale = 1.0 / math.sqrt(head_dim) if isinstance(head_dim, int) else None
+        scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if isinstance(
+            head_dim, int) else None  # D = 0: every score is 0, whatever the scale
         if scale is None:
             with canon.gm.graph.inserting_before(node):
                 size = canon.editor.call("size", (q, -1), like=node, method=True)

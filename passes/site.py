@@ -60,6 +60,15 @@ class Site:
     scale: Any = None
     dropout_p: float = 0.0
     gqa_groups: int = 1
+    # "" (no mask) | "key padding" | "causal" | "causal + key padding" | "general" | "bias"
+    # (passes/analysis/causality.py); `mask_observed`: read off the observed inputs only (the
+    # mask depends on an input), not known for every input
+    mask_kind: str = ""
+    mask_observed: bool = False
+    # the query stream is causal (a decoder): a rewrite must never pool queries across
+    # positions; `causal_why` says how it was found
+    causal_queries: bool = False
+    causal_why: str = ""
     probs_used_by: tuple[str, ...] = ()
     graph_index: int = 0
     node_name: str = ""

@@ -87,7 +87,9 @@ __all__ = ["PATHS", "ClusteringSpec", "causal_clustered_attention",
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if scale is None:  # head dim 0: every score is 0 whatever the scale
+        return float(q.shape[-1] ** -0.5) if q.shape[-1] else 1.0
+    return float(scale)
 
 
 def causal_clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

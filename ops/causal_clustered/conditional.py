@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.attention import dense_attention
-from clusterfx.ops.causal_clustered import checks, registration
+from clusterfx.ops.causal_clustered import checks, guard, registration
 from clusterfx.ops.clustered import METHODS
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
@@ -133,7 +133,7 @@ def causal_conditional_attention(
         backend = resolve_impl(impl, q.device)
         telemetry.record("causal_conditional_attention", backend, site=site,
                          path=f"{PATHS[path]} [{backend}]")
-        out, fam, _ = torch.ops.clusterfx.conditional_attention(
+        out, fam, *_ = torch.ops.clusterfx.conditional_attention(
             q, k, v, attn_mask, scale, method, *spec.to_args(), topk, 0, impl, "")
     return (out.contiguous(), ka, qa, idx, fam,
             torch.tensor(path, dtype=torch.int64, device=q.device))
@@ -155,20 +155,21 @@ def causal_conditional_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     p = int(path)
     if p == 4:
+        no_idx = torch.zeros(0, dtype=torch.int64, device=q.device)  # i-clustered: recompute
         return torch.ops.clusterfx.conditional_attention_backward(
-            grad, q, k, v, attn_mask, fam_assign, torch.zeros((), dtype=torch.int64), scale,
-            method, clusters, topk, impl)
+            grad, q, k, v, attn_mask, fam_assign, torch.zeros((), dtype=torch.int64), no_idx,
+            scale, method, clusters, topk, impl)
     if p in (2, 3):
         fn = lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale)  # noqa: E731
     else:
         _, keep = mask_structure(attn_mask, q.shape[0], q.shape[2], k.shape[2])
-        mod = registration.implementation(impl)
-        kv = registration.key_valid(keep, k)
         ka = key_assign if p == 0 else key_assign[:, :, :1]
-        fn = lambda q_, k_, v_: mod.attention_from_choices(  # noqa: E731
-            q_, k_, v_, kv, ka, query_assign, topk_idx, clusters, scale, block, p == 0)
+        fn = registration.differentiable(q, k, v, keep, ka, query_assign, topk_idx, clusters,
+                                         scale, block, p == 0, impl)
     _, vjp = torch.func.vjp(fn, q, k, v)
     dq, dk, dv = vjp(grad.contiguous())
+    if guard.is_degenerate(q, k, v):  # empty gradients may be views of one another
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in (dq, dk, dv))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -26,13 +26,14 @@ impl="triton" raises instead of falling back.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from clusterfx.ops.causal_clustered import checks
+from clusterfx.ops.causal_clustered import checks, guard
 from clusterfx.ops.causal_clustered.common import draw_plan, key_epochs, nblocks
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
@@ -64,8 +65,25 @@ def topk_width(topk: int, nk) -> int:
 
 def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
         spec: ClusteringSpec, topk: int, block: int, causal: bool, backend: str):
-    """Clustering, selection and attention by one implementation module.
+    """Clustering, selection and attention by one implementation module, with the rules of
+    guard.py around it (zero-size dims and non-finite keys/values at kept positions: exact
+    attention; clusters clamped to max(Nq, Nk); bad queries kept out, their rows NaN).
     → (out, key_assign, query_assign, topk_idx)."""
+    spec = dataclasses.replace(spec, clusters=guard.clamp_clusters(spec.clusters, q.shape[2],
+                                                                  k.shape[2]))
+    g = None if guard.is_degenerate(q, k, v) else guard.inspect(q, k, v, mask)
+    if g is None or g.exact:
+        if g is not None:
+            telemetry.event("nonfinite_exact")
+        ka, qa, idx = (t.zero_() for t in fake_choices(q, k, spec.clusters, topk, block,
+                                                       causal))
+        return guard.exact_attention(q, k, v, mask, scale, causal).contiguous(), ka, qa, idx
+    out, ka, qa, idx = _run(*g.inputs(q, k, v, mask), mask, scale, spec, topk, block, causal,
+                            backend)
+    return g.finish(out, mask, causal).contiguous(), ka, qa, idx
+
+
+def _run(q, k, v, mask, scale, spec, topk, block, causal, backend):
     mod = implementation(backend)
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -90,6 +108,7 @@ def fake_choices(q, k, clusters: int, topk: int, block: int, causal: bool):
     """Uninitialised (key_assign, query_assign, topk_idx) of the shapes a call returns."""
     B, H, Nq = q.shape[:3]
     nb = (Nq + block - 1) // block
+    clusters = guard.clamp_clusters(clusters, Nq, k.shape[2])
     return (q.new_empty(B, k.shape[1], key_epochs(nb, causal), k.shape[2], dtype=torch.int64),
             q.new_empty(B, H, Nq, dtype=torch.int64),
             q.new_empty(B, H, nb, clusters, topk_width(topk, k.shape[2]), dtype=torch.int64))
@@ -159,13 +178,32 @@ def causal_clustered_attention_backward_op(
     block: int, causal: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Autograd is off inside an op's kernel; torch.func.vjp differentiates regardless.
-    mod = implementation(impl)
-    kv = key_valid(key_padding_mask, k)
-    fn = lambda q_, k_, v_: mod.attention_from_choices(  # noqa: E731
-        q_, k_, v_, kv, key_assign, query_assign, topk_idx, clusters, scale, block, causal)
+    fn = differentiable(q, k, v, key_padding_mask, key_assign, query_assign, topk_idx,
+                        clusters, scale, block, causal, impl)
     _, vjp = torch.func.vjp(fn, q, k, v)
     dq, dk, dv = vjp(grad.contiguous())
+    if guard.is_degenerate(q, k, v):  # empty gradients may be views of one another
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in (dq, dk, dv))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def differentiable(q, k, v, keep, key_assign, query_assign, topk_idx, clusters, scale, block,
+                   causal, impl):
+    """The function of (q, k, v) that the forward computed for these choices, by the same
+    rules (guard.py): exact attention, or the choices' attention on the guarded inputs."""
+    g = None if guard.is_degenerate(q, k, v) else guard.inspect(q, k, v, keep)
+    if g is None or g.exact:
+        return lambda q_, k_, v_: guard.exact_attention(q_, k_, v_, keep, scale, causal)
+    mod = implementation(impl)
+    kv = key_valid(keep, k)
+    clusters = guard.clamp_clusters(clusters, q.shape[2], k.shape[2])
+
+    def fn(q_, k_, v_):
+        # bad queries keep their own (NaN) rows: their gradients are NaN as dense attention's
+        _, k_, v_ = g.inputs(q_, k_, v_, keep)
+        return mod.attention_from_choices(q_, k_, v_, kv, key_assign, query_assign, topk_idx,
+                                          clusters, scale, block, causal)
+    return fn
 
 
 @causal_clustered_attention_backward_op.register_fake

@@ -42,7 +42,9 @@ __all__ = ["METHODS", "NATIVE_LIBRARY", "PATHS", "ClusteringSpec", "clustered_at
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if scale is not None:
+        return float(scale)
+    return 1.0 if q.shape[-1] == 0 else float(q.shape[-1] ** -0.5)  # D = 0: scores are 0
 
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, clusters: int,

@@ -31,14 +31,29 @@ def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
         raise ValueError(f"head dim of k ({k.shape[-1]}) must equal that of q ({D})")
     if k.shape[1:3] != v.shape[1:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (Hk, Nk)")
-    if k.shape[1] < 1 or H % k.shape[1] != 0:
-        raise ValueError(f"heads of q ({H}) must be a multiple of the heads of k/v ({k.shape[1]})")
-    if Nq < 1 or k.shape[2] < 1:
-        raise ValueError(f"need at least one query and one key (Nq={Nq}, Nk={k.shape[2]})")
+    Hk = k.shape[1]
+    if (Hk == 0 and H != 0) or (Hk > 0 and H % Hk != 0):
+        raise ValueError(f"heads of q ({H}) must be a multiple of the heads of k/v ({Hk})")
+    # zero-size dims are accepted: the ops answer them as exact attention does
+    # (ops/common/degenerate.py)
     check_valid(key_padding_mask, (B, k.shape[2]), "key_padding_mask")
     if key_padding_mask is not None and key_padding_mask.device != q.device:
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
     check_scale(scale)
+
+
+def clamped_clusters(clusters: int, q) -> int:
+    """Clusters actually used: at most one per query, so that no buffer is sized by a
+    requested C larger than Nq (`clusters=10**7` on 16 queries). Works on SymInts."""
+    nq = q.shape[2]
+    return torch.sym_min(clusters, max(nq, 1)) if isinstance(nq, torch.SymInt) else min(
+        clusters, max(nq, 1))
+
+
+def spare_clusters(clusters: int, q) -> int:
+    """Clusters the clustering ops work with: `clamped_clusters` plus the spare cluster that
+    holds the queries kept out of the clustering (ops/clustered/nonfinite.py)."""
+    return clamped_clusters(clusters, q) + 1
 
 
 def check_impl(impl) -> None:

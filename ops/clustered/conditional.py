@@ -9,6 +9,7 @@ recompile at any new length):
   crossover from the cost model) → exact attention (path 1);
 - an `attn_mask` that is not a key-padding mask (it varies over queries or heads, or an additive
   mask holds values other than 0 and <= -1e4) → exact attention (path 2);
+- a zero-size dimension → exact attention's answer (empty, or zeros with no key; path 3);
 - otherwise `method` ("clustered" | "improved_clustered") with the mask as key padding (path 0).
 The path taken and the implementation are counted for `site` (a telemetry tag: the compile
 that emitted the op owns the counts; see `clusterfx.ops.common.telemetry`).
@@ -21,8 +22,9 @@ No gradient flows to `attn_mask`; the lowering declines masks that require grad.
 
 Shapes: q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), H a multiple of Hk; attn_mask
 broadcastable to (B, H, Nq, Nk), bool (True = attend) or additive → out (B, H, Nq, Dv),
-assignments (B, H, Nq) int64 (zeros on exact paths), path () int64, idx (B, H, C,
-min(topk, Nk)) int64: i-clustered's top-k keys per cluster (zeros otherwise).
+assignments (B, H, Nq) int64 (zeros on exact paths), path () int64, idx (B, H, C' + 1,
+min(topk, Nk)) int64 with C' = min(C, Nq): i-clustered's top-k keys per cluster and the spare
+cluster's row (zeros otherwise).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.attention import dense_attention
-from clusterfx.ops.clustered import registration
+from clusterfx.ops.clustered import checks, registration
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
+from clusterfx.ops.common.degenerate import degenerate_attention, is_degenerate
 
-PATHS = ("approximate", "exact: shorter than min_length", "exact: mask is not key padding")
+PATHS = ("approximate", "exact: shorter than min_length", "exact: mask is not key padding",
+         "exact: empty input")
 METHODS = ("clustered", "improved_clustered")
 _MASKED = -1e4  # additive values at or below this mean "masked"
 
@@ -55,10 +59,13 @@ def key_padding(mask: Tensor | None, batch: int, keys: int) -> tuple[bool, Tenso
 
 
 def _idx_shape(q: Tensor, k: Tensor, clusters: int, topk: int) -> tuple:
-    return (*q.shape[:2], clusters, min(topk, k.shape[2]))
+    """i-clustered's top-k indices: one row per (clamped) cluster and the spare one."""
+    return (*q.shape[:2], checks.spare_clusters(clusters, q), min(topk, k.shape[2]))
 
 
 def _dense(q, k, v, mask, scale):
+    if is_degenerate(q, k, v):  # a zero-size dim: empty output, or zeros with no key
+        return degenerate_attention(q, k, v, mask, False, scale)
     return dense_attention(q, k, v, mask, 0.0, False, scale, q.shape[1] != k.shape[1])
 
 
@@ -75,7 +82,9 @@ def conditional_attention(
     assignments = torch.zeros(batch, heads, nq, dtype=torch.int64, device=q.device)
     idx = torch.zeros(_idx_shape(q, k, clusters, topk), dtype=torch.int64, device=q.device)
     path = 1
-    if k.shape[2] >= min_length:
+    if is_degenerate(q, k, v):
+        path = 3
+    elif k.shape[2] >= min_length:
         ok, keep = key_padding(attn_mask, batch, k.shape[2])
         path = 0 if ok else 2
     backend = "dense" if path else registration.resolve(impl, q.device)
@@ -116,9 +125,12 @@ def conditional_attention_backward(
         dq, dk, dv = vjp(grad.contiguous())
     else:
         _, keep = key_padding(attn_mask, q.shape[0], k.shape[2])
+        clusters = checks.spare_clusters(clusters, q)  # as the forward used
         dq, dk, dv = registration.attention_grads(
             impl, grad, q, k, v, assignments, clusters, keep, scale,
-            *((None, None) if method == "clustered" else (idx.shape[-1], idx)))
+            # an empty idx (a caller without the forward's selection): top-k recomputed
+            *((None, None) if method == "clustered" else
+              (min(topk, k.shape[2]), idx if idx.numel() else None)))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

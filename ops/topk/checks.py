@@ -59,7 +59,7 @@ def validate(q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl) -> No
         raise ValueError(f"q and k head dims differ: q has D={d}, k has D={dk}")
     if v.shape[1] != hk or v.shape[2] != nk:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Hk, Nk)")
-    if hk == 0 or h % hk != 0:
+    if (hk == 0 and h != 0) or (hk > 0 and h % hk != 0):
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
     check_positive_int("topk", topk)
     check_positive_int("chunk_size", chunk_size)

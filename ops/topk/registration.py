@@ -12,6 +12,7 @@ import torch
 
 from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.checks import NATIVE_IMPLS
+from clusterfx.ops.common.degenerate import degenerate_attention, is_degenerate
 from clusterfx.ops.common.dispatch import resolve_impl
 from clusterfx.ops.topk import fused
 from clusterfx.ops.topk.backward import topk_attention_backward
@@ -32,8 +33,15 @@ def resolve(impl: str, device: torch.device) -> str:
     return resolve_impl(impl, device, NATIVE_IMPLS, fused.LIB)
 
 
+def _finite(*tensors: torch.Tensor) -> bool:
+    """Every entry finite (three reductions; memory-bound, small next to top-k's GEMMs)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else scale
+    if scale is not None:
+        return scale
+    return 1.0 if q.shape[-1] == 0 else q.shape[-1] ** -0.5  # D = 0: every score is 0
 
 
 @torch.library.custom_op("clusterfx::topk_attention", mutates_args=())
@@ -43,7 +51,16 @@ def _topk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: 
                        impl: str = "auto", site: str = "") -> torch.Tensor:
     validate(q, k, v, topk, attn_mask, is_causal, scale, chunk_size, impl)
     name = resolve(impl, q.device)
-    telemetry.record("topk_attention", name, site=site, path=f"top-k [{name}]")
+    if is_degenerate(q, k, v):  # a zero-size dim: exact attention's answer (empty / zeros)
+        telemetry.record("topk_attention", "dense", site=site, path="exact: empty input")
+        return degenerate_attention(q, k, v, _rank4(attn_mask), is_causal, scale).contiguous()
+    path = f"top-k [{name}]"
+    if name == "cpu" and not _finite(q, k, v):
+        # the fused kernel's running top-k compares scores, and NaN compares false: it would
+        # return finite rows where exact attention has NaN. The vectorised path spreads NaN
+        # and inf exactly as dense attention's scores do (tests/ops/test_robust_inputs.py).
+        name, path = "torch", "top-k [torch: non-finite input]"
+    telemetry.record("topk_attention", name, site=site, path=path)
     args = dict(topk=topk, attn_mask=_rank4(attn_mask), is_causal=is_causal,
                 scale=_scale(q, scale))
     if name == "reference":
@@ -73,7 +90,11 @@ def _topk_attention_backward_op(
     chunk_size: int, mask_grad: bool, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad`` (opaque to compile)."""
-    if not mask_grad and resolve(impl, q.device) == "cpu":
+    if is_degenerate(q, k, v):
+        dq, dk, dv, dmask = _degenerate_backward(grad, q, k, v, attn_mask, is_causal, scale,
+                                                 mask_grad)
+        return dq, dk, dv, dmask
+    if not mask_grad and resolve(impl, q.device) == "cpu" and _finite(q, k, v):
         dq, dk, dv = fused.topk_attention_backward(grad, q, k, v, _rank4(attn_mask), topk=topk,
                                                    is_causal=is_causal, scale=scale)
         dmask = None
@@ -84,6 +105,21 @@ def _topk_attention_backward_op(
     dmask = q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape)
     # contiguous, as the fake kernel promises whatever the inputs' layouts
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
+
+
+def _degenerate_backward(grad, q, k, v, attn_mask, is_causal, scale, mask_grad):
+    """Gradients of exact attention on degenerate inputs (fresh tensors: no aliasing)."""
+    mask = _rank4(attn_mask)
+    fresh = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+    if mask_grad:
+        fn = lambda q_, k_, v_, m_: degenerate_attention(q_, k_, v_, m_, is_causal, scale)  # noqa
+        _, vjp = torch.func.vjp(fn, q, k, v, mask)
+        dq, dk, dv, dmask = vjp(grad.contiguous())
+        return fresh(dq), fresh(dk), fresh(dv), fresh(dmask.reshape(attn_mask.shape))
+    fn = lambda q_, k_, v_: degenerate_attention(q_, k_, v_, mask, is_causal, scale)  # noqa
+    _, vjp = torch.func.vjp(fn, q, k, v)
+    dq, dk, dv = vjp(grad.contiguous())
+    return fresh(dq), fresh(dk), fresh(dv), q.new_empty(0)
 
 
 @_topk_attention_backward_op.register_fake

@@ -12,7 +12,9 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")
+# the frame-local source of a module path: `L['self']`, `L['args'][0]` (a `*args` decorator
+# around forward), `G['model']`
+_PREFIX = re.compile(r"^([LG]\['[^']*'\](?:\[\d+\])*)\.?")
 
 
 def value_of(node: Any) -> Any:
@@ -24,12 +26,44 @@ def value_of(node: Any) -> Any:
 
 
 def module_path(node: fx.Node) -> str:
-    """`L['self'].encoder.layer.0.attention` -> `encoder.layer.0.attention` ("" for the root)."""
+    """`L['self'].encoder.layer.0.attention` -> `encoder.layer.0.attention` ("" for the root);
+    `L['args'][0].encoder...` alike. Relative to the frame's root module: `rebase_module_paths`
+    makes it relative to the compiled model when the frame is a submodule's."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
     return _PREFIX.sub("", path)
+
+
+def frame_sources(gm: fx.GraphModule) -> set[str]:
+    """The frame-local sources (`L['self']`, `L['args'][0]`) module paths start from."""
+    out = set()
+    for node in gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            m = _PREFIX.match(path)
+            if m:
+                out.add(m.group(1))
+    return out
+
+
+def rebase_module_paths(gm: fx.GraphModule, roots: dict[str, str]) -> None:
+    """Rewrite the `nn_module_stack` of every node so its paths start at the compiled model:
+    `roots` maps a frame source (`L['self']`) to that module's path in the model (a graph
+    captured after a graph break, inside `encoder.forward`, has `L['self']` = the encoder)."""
+    def rebase(path: str) -> str:
+        m = _PREFIX.match(path)
+        if not m or m.group(1) not in roots:
+            return path
+        rest = path[m.end():]
+        full = ".".join(p for p in (roots[m.group(1)], rest) if p)
+        return "L['self']" + ("." + full if full else "")
+
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: (rebase(path), kind)
+                                            for k, (path, kind) in stack.items()}
 
 
 def is_function(node: Any, *targets: Callable) -> bool:

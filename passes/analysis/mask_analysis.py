@@ -30,11 +30,17 @@ def _is_buffer_placeholder(node: fx.Node) -> bool:
 
 
 def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any],
-                    positions: dict[fx.Node, int] | None = None) -> torch.Tensor | None:
+                    positions: dict[fx.Node, int] | None = None, *, inputs: bool = False,
+                    overrides: dict[fx.Node, Any] | None = None) -> torch.Tensor | None:
     """The value of `node` if it depends on no tensor input other than module buffers;
     `concrete` maps placeholders to the real example inputs. None when not static.
     `positions` (node -> index in the graph) may be passed to save recomputing it; nodes
-    added since are placed after every indexed node."""
+    added since are placed after every indexed node.
+
+    `inputs=True`: tensor inputs are allowed too, read from `concrete` (the value at the
+    observed inputs, not a static one); `overrides` replaces some placeholders' values (to
+    probe how a mask depends on an input)."""
+    overrides = overrides or {}
     order: list[fx.Node] = []
     seen: set[fx.Node] = set()
     index = positions if positions is not None else {
@@ -50,9 +56,10 @@ def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any],
             return None
         if n.op == "placeholder":
             val = value_of(n)
-            if isinstance(val, torch.Tensor) and not _is_buffer_placeholder(n):
+            if isinstance(val, torch.Tensor) and not _is_buffer_placeholder(n) and not (
+                    inputs or n in overrides):
                 return None
-            if n not in concrete:
+            if n not in concrete and n not in overrides:
                 return None
         elif n.op in ("call_function", "call_method"):
             name = getattr(n.target, "__name__", str(n.target))
@@ -73,7 +80,7 @@ def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any],
     try:
         for n in sorted(order, key=position):
             if n.op == "placeholder":
-                env[n] = symbolic_hint(concrete[n])
+                env[n] = overrides[n] if n in overrides else symbolic_hint(concrete[n])
                 continue
             if n.op == "get_attr":
                 env[n] = getattr(gm, n.target)
@@ -91,6 +98,25 @@ def evaluate_static(node: fx.Node, concrete: dict[fx.Node, Any],
         torch.set_num_threads(threads)
     out = env[node]
     return out if isinstance(out, torch.Tensor) else None
+
+
+def input_placeholders(node: fx.Node, limit: int = _MAX_NODES) -> list[fx.Node] | None:
+    """The non-buffer tensor placeholders `node` depends on (None past `limit` nodes)."""
+    seen, stack, found = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return None
+        if n.op == "placeholder":
+            if isinstance(value_of(n), torch.Tensor) and not _is_buffer_placeholder(n):
+                found.append(n)
+            continue
+        stack.extend(n.all_input_nodes)
+        stack.extend(inplace_users(n))
+    return found
 
 
 def is_causal_pattern(mask: torch.Tensor, additive: bool) -> bool:

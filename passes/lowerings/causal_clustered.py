@@ -51,6 +51,8 @@ from clusterfx.passes.registry import LoweringContext, register_lowering
 from clusterfx.passes.site import Site
 
 CAUSAL_TYPES = (CausalClustered, CausalImprovedClustered)
+# mask kinds (passes/analysis/causality.py) for which some path of the ops is approximate
+RUNNABLE_KINDS = ("", "key padding", "causal", "causal + key padding")
 
 
 def causal_variant(config: Clustered) -> CausalClustered | CausalImprovedClustered:
@@ -76,6 +78,15 @@ def mask_may_be_causal(node: fx.Node) -> bool:
         return False
     rows = mask.shape[-2]
     return not (isinstance(rows, int) and rows == 1)
+
+
+def check_can_run(site: Site, config: Clustered) -> None:
+    """Decline a site whose mask, for every input, is neither key padding nor causal (+ key
+    padding): neither the clustered op nor its causal variant could ever take the approximate
+    path, so "rewritten" would be a promise that never runs."""
+    if site.mask_kind not in RUNNABLE_KINDS and not site.mask_observed:
+        raise Decline(f"the mask is {site.mask_kind} for every input, never key padding or "
+                      f"causal: {config.name}'s approximate path could never run")
 
 
 def check_mask(node: fx.Node) -> None:
@@ -126,6 +137,7 @@ def describe(site: Site, config: Clustered) -> str:
 
 def lower_causal(lctx: LoweringContext, node: fx.Node, site: Site,
                  config: CausalClustered) -> fx.Node:
+    check_can_run(site, config)
     if not (causal_stream(site) or mask_may_be_causal(node)):
         plain = "ImprovedClustered" if isinstance(config, ImprovedClustered) else "Clustered"
         raise Decline(f"{config.name} serves causal sites (or causal query streams); this one "

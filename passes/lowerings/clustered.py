@@ -43,6 +43,7 @@ from clusterfx.passes.cost_model import Cost, Dims, crossover_length, register_c
 from clusterfx.passes.lowerings.causal_clustered import (
     causal_stream,
     causal_variant,
+    check_can_run,
     describe,
     emit_causal,
     mask_may_be_causal,
@@ -79,6 +80,7 @@ def routes_causal(node: fx.Node, site: Site) -> bool:
 
 def emit_clustered(lctx: LoweringContext, node: fx.Node, site: Site, config: Clustered,
                    min_length: int) -> fx.Node:
+    check_can_run(site, config)
     if routes_causal(node, site):
         return emit_causal(lctx, node, site, causal_variant(config), min_length)
     _check_site(node, site, config)

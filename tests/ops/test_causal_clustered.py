@@ -317,8 +317,9 @@ def test_conditional_op_paths():
     # key padding only: queries pooled (clustered family) unless the query stream is causal
     out, *_, fam, path = _conditional(q, k, v, keep[:, None, None, :])
     assert int(path) == 4
+    # C + 1: the clustered family's spare cluster holds padded queries (ops/clustered/nonfinite)
     fam_out = torch.ops.clusterfx.improved_clustered_attention_from_assignments(
-        q, k, v, fam, keep, C, TOPK, 0.3, "cpu")[0]
+        q, k, v, fam, keep, C + 1, TOPK, 0.3, "cpu")[0]
     torch.testing.assert_close(out, fam_out, rtol=0, atol=1e-12)
     out, *_, path = _conditional(q, k, v, keep[:, None, None, :], causal_queries=True)
     assert int(path) == 1
@@ -343,7 +344,7 @@ def test_conditional_op_gradients(path_mask):
         ref = reference.attention_from_choices(*xs, keep, ka, qa, idx, C, 0.3, BLOCK, True)
     elif path_mask == "padding":
         ref = torch.ops.clusterfx.improved_clustered_attention_from_assignments(
-            *xs, fam, keep, C, TOPK, 0.3, "reference")[0]
+            *xs, fam, keep, C + 1, TOPK, 0.3, "reference")[0]  # + the spare cluster
     else:
         ref = torch.softmax((xs[0] @ xs[1].repeat_interleave(2, 1).mT * 0.3).masked_fill(
             ~mask, float("-inf")), -1) @ xs[2].repeat_interleave(2, 1)

@@ -241,12 +241,13 @@ def test_full_op_backward_uses_its_own_clusters(fn):
     if fn == "clustered":
         out, a = OPS.clustered_attention(*args, mask, 0.4, 3, 10, 63, 5, "hamming", 0,
                                          "euclidean", "cpu")
-        again = ca.clustered_attention_from_assignments(*args, a, 3, mask, 0.4, impl="reference")
+        # C = 3 clusters and the spare one (id 3) that holds the padded queries
+        again = ca.clustered_attention_from_assignments(*args, a, 4, mask, 0.4, impl="reference")
     else:
         out, a, idx = OPS.improved_clustered_attention(*args, mask, 0.4, 3, 10, 63, 5,
                                                        "hamming", 1, "attention", 2, "cpu")
         again = reference.improved_clustered_attention_from_assignments(
-            *args, a, 3, mask, 0.4, topk=2, topk_indices=idx)[0]
+            *args, a, 4, mask, 0.4, topk=2, topk_indices=idx)[0]
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, args, g)
     want = torch.autograd.grad(again, args, g)

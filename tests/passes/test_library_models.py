@@ -191,3 +191,69 @@ def test_hf_encoder_decoder_cross_attention():
     assert set(paths) == {"model.encoder.block.0.layer.0.SelfAttention",
                           "model.decoder.block.0.layer.0.SelfAttention",
                           "model.decoder.block.0.layer.1.EncDecAttention"}
+
+
+# ------------------------------------------------------------ decoders given an attention_mask
+
+def _decoder(name):
+    tf = transformers
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64}
+    gqa = {**small, "num_key_value_heads": 2}
+    if name == "gpt2":
+        return tf.GPT2Model(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return {"gpt-neox": lambda: tf.GPTNeoXModel(tf.GPTNeoXConfig(**small)),
+            "mistral": lambda: tf.MistralModel(tf.MistralConfig(**gqa, sliding_window=None)),
+            "qwen2": lambda: tf.Qwen2Model(tf.Qwen2Config(**gqa)),
+            "gemma3": lambda: tf.Gemma3TextModel(tf.Gemma3TextConfig(**gqa, head_dim=8,
+                                                                     sliding_window=64)),
+            "phi": lambda: tf.PhiModel(tf.PhiConfig(**small)),
+            "phi3": lambda: tf.Phi3Model(tf.Phi3Config(**gqa, pad_token_id=0))}[name]()
+
+
+DECODERS = ["gpt2", "gpt-neox", "mistral", "qwen2", "gemma3", "phi", "phi3"]
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_hf_decoder_masks_from_attention_mask_are_causal_plus_key_padding(name, padding):
+    """The causal + padding mask HF builds from `attention_mask` is recognised (not 'general'
+    at the observed inputs only): every site is causal with key padding, TopK takes it as it
+    is, and with k = N keys TopK is exact attention again."""
+    model = _decoder(name).eval()
+    ids = torch.randint(3, 100, (B, N), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, N, dtype=torch.long)
+    if padding == "right":
+        mask[1, -4:] = 0
+    else:
+        mask[1, :4] = 0
+    wrapped = KwargsModel(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False})
+    report = compile_and_compare(wrapped, (ids, mask), policy=cfx.TopK(k=N), rtol=1e-5)
+    assert len(report) == 2, str(report)
+    for r in report:
+        assert r.site.causal and r.site.causal_queries, str(report)
+        assert r.site.mask_kind == "causal + key padding" and not r.site.mask_observed
+        assert r.status == "rewritten" and r.paths == {"top-k [cpu]": 1}, str(report)
+
+
+def test_module_paths_of_a_model_compiled_directly_exist():
+    """RoFormer's forward is wrapped by a `*args` decorator (dynamo names the module
+    `L['args'][0]`); Longformer's encoder is captured after a graph break in its own frame:
+    the reported paths are still the model's own."""
+    tf = transformers
+    ids = torch.randint(3, 100, (B, N), generator=torch.Generator().manual_seed(0))
+    for model in (tf.RoFormerModel(tf.RoFormerConfig(
+                      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, vocab_size=100, embedding_size=32)),
+                  tf.LongformerModel(tf.LongformerConfig(
+                      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, vocab_size=100, attention_window=4,
+                      pad_token_id=1))):
+        compiled = cfx.compile(model.eval(), backend="eager")
+        with torch.no_grad():
+            compiled(input_ids=ids)
+        paths = [r.fqn for r in cfx.explain(compiled)]
+        modules = dict(model.named_modules())
+        assert paths == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+        assert all(p in modules for p in paths)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 import clusterfx as cfx
 from clusterfx.models import gpt_tiny
-from clusterfx.passes.site import Site
 from tests.helpers import compile_and_compare, count_targets, rel_err
 
 CAUSAL_OP = torch.ops.clusterfx.causal_conditional_attention.default
@@ -142,9 +141,12 @@ def test_hf_decoder_with_attention_mask_is_rewritten_and_stays_causal(name):
     _assert_causal(compiled, ids, (37, 131), mask)
     report = cfx.explain(compiled)
     for row in report:
-        assert row.status == "rewritten" and not row.site.causal  # causality is in the mask
+        # causality is in the mask, recognised as causal + key padding for every input by
+        # probing (passes/analysis/causality.py); the op still reads each call's mask
+        assert row.status == "rewritten" and row.site.causal
+        assert row.site.mask_kind == "causal + key padding" and not row.site.mask_observed
         assert row.paths == {"approximate (causal) [cpu]": 3}, row.paths
-        assert row.reason.startswith("per call: the causal variant"), row.reason
+        assert row.reason.startswith("causal: causal_improved_clustered"), row.reason
     valid = mask.bool()
     with torch.no_grad():
         err = rel_err(compiled(ids, mask)[valid], model(ids, mask)[valid])
@@ -199,7 +201,7 @@ class CrossAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
 
 
-def test_causal_query_stream_is_never_pooled(monkeypatch):
+def test_causal_query_stream_is_never_pooled():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 48, 8, generator=g, dtype=DT)
     k, v = (torch.randn(2, 4, 30, 8, generator=g, dtype=DT) for _ in range(2))
@@ -216,12 +218,14 @@ def test_causal_query_stream_is_never_pooled(monkeypatch):
 
     pooled = cfx.compile(CrossAttention(), policy=config, backend="eager")
     assert moved_before(pooled)  # clustered attention pools queries: an earlier row moves
-    # a site whose query stream is causal (the robustness analysis sets this flag)
-    monkeypatch.setattr(Site, "causal_queries", True, raising=False)
-    torch._dynamo.reset()
-    compiled = cfx.compile(CrossAttention(), policy=config, backend="eager")
+    # a site whose query stream is causal: its module declares `is_decoder` (as Hugging Face
+    # cross-attention of decoders does; passes/analysis/causality.py sets `causal_queries`)
+    decoder = CrossAttention()
+    decoder.is_decoder = True
+    compiled = cfx.compile(decoder, policy=config, backend="eager")
     assert not moved_before(compiled)
     row = cfx.explain(compiled)[0]
+    assert row.site.causal_queries and "is_decoder" in row.site.causal_why, row.site
     assert row.reason.startswith("causal query stream")
     assert row.paths == {"approximate (causal queries, all keys) [cpu]": 2}
 

@@ -88,7 +88,7 @@ def test_causal_sites_go_to_the_causal_variant():
     assert count_targets(gm, COND) == 0
 
 
-def test_mask_that_is_not_key_padding_runs_exact():
+def test_static_mask_that_is_never_key_padding_is_declined():
     class Banded(nn.Module):
         def forward(self, q, k, v):
             n = q.shape[-2]
@@ -99,10 +99,26 @@ def test_mask_that_is_not_key_padding_runs_exact():
     g = torch.Generator().manual_seed(0)
     qkv = tuple(torch.randn(B, H, 20, D, dtype=DT, generator=g) for _ in range(3))
     report = compile_and_compare(Banded(), qkv, policy=cfx.Clustered(clusters=2), rtol=1e-12)
-    assert report[0].status == "rewritten"
+    assert report[0].status == "declined" and "never key padding or causal" in report[0].reason
+    assert report[0].site.mask_kind == "general" and not report[0].site.mask_observed
+
+
+def test_input_mask_that_is_not_key_padding_runs_exact_with_its_own_status():
+    class Masked(nn.Module):
+        def forward(self, q, k, v, keep):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    g = torch.Generator().manual_seed(0)
+    qkv = tuple(torch.randn(B, H, 20, D, dtype=DT, generator=g) for _ in range(3))
+    i = torch.arange(20)
+    banded = (i[None, :] - i[:, None]).abs() <= 3
+    report = compile_and_compare(Masked(), (*qkv, banded), policy=cfx.Clustered(clusters=2),
+                                 rtol=1e-12)
+    assert report[0].status == "rewritten, runs exact" and "never ran" in report[0].reason
     # a mask that varies over queries may be a decoder's causal + padding mask, so the site
     # runs the op that can tell (ops/causal_clustered); this one is neither: exact
     assert report[0].paths == {"exact: mask is neither causal nor key padding": 1}
+    assert report[0].site.mask_kind == "general" and report[0].site.mask_observed
 
 
 def test_min_length_switches_per_call_without_recompiling_each_length():
