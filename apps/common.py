@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,3 +139,11 @@ def compile_and_run(model: Any, inputs: tuple, policy: Any, backend: str, *,
     with torch.no_grad():
         compiled(*inputs)
     return compiled, explain(compiled)
+
+
+def proc_status_kib(key: str) -> int:
+    """A ``kB`` field of /proc/self/status (``VmHWM``, ``VmRSS``...) of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)

@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clusterfx.apps.common import busy_neighbours
+from clusterfx.apps.common import busy_neighbours, proc_status_kib
 from clusterfx.bench.limits import check_sizes
 from clusterfx.config.configs import ImprovedClustered
 from clusterfx.ops.common.telemetry import counters
@@ -211,13 +211,6 @@ def run_once(fn: Callable, inputs: tuple[torch.Tensor, ...], backward: bool) -> 
 
 
 # ------------------------------------------------------------------------------- peak memory
-def _proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def worker(spec: dict) -> dict:
     """In a fresh process: peak resident bytes of one call above the RSS with inputs ready."""
     import gc
@@ -230,12 +223,12 @@ def worker(spec: dict) -> dict:
     gc.collect()
     with_proc = Path("/proc/self/clear_refs").exists()
     if with_proc:
-        base_kib = _proc_status_kib("VmRSS")
+        base_kib = proc_status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     else:  # ru_maxrss: KiB on Linux, bytes on macOS
         base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = run_once(fn, inputs, spec["backward"])
-    peak_kib = (_proc_status_kib("VmHWM") if with_proc
+    peak_kib = (proc_status_kib("VmHWM") if with_proc
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     if not with_proc and sys.platform == "darwin":
         base_kib, peak_kib = base_kib / 1024, peak_kib / 1024

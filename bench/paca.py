@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clusterfx.apps.common import proc_status_kib
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER = ("dense-sdpa", "dense-mha", "paca-conv", "paca-linear")
 CORE = ("sdpa-core", "paca-core")
@@ -128,13 +130,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _proc_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def worker(spec: dict) -> dict:
     """Peak bytes of one call of one case (run in a fresh process)."""
     torch.set_num_threads(spec["threads"])
@@ -142,10 +137,10 @@ def worker(spec: dict) -> dict:
     with torch.no_grad():
         if spec["n"] <= 1024:
             fn(*inputs)  # code pages and thread pools are not the method's memory
-        base = _proc_kib("VmRSS")
+        base = proc_status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
         fn(*inputs)
-    return {"peak_bytes": max(0, _proc_kib("VmHWM") - base) * 1024}
+    return {"peak_bytes": max(0, proc_status_kib("VmHWM") - base) * 1024}
 
 
 def peak_memory(method: str, n: int, cfg: dict) -> int | None:

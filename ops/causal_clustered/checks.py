@@ -7,13 +7,10 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.common.checks import (
-    check_float,
     check_impl,
     check_int,
+    check_key_value_attention,
     check_positive_int,
-    check_same,
-    check_scale,
-    check_valid,
 )
 
 __all__ = ["check_block", "check_choice_values", "check_choices", "check_impl", "check_inputs",
@@ -22,30 +19,15 @@ __all__ = ["check_block", "check_choice_values", "check_choices", "check_impl", 
 
 def check_inputs(q, k, v, key_padding_mask, scale, causal) -> None:
     """q (B,H,Nq,D), k (B,Hk,Nk,D), v (B,Hk,Nk,Dv) of one float dtype and device (any size
-    may be 0), H a multiple of Hk, key_padding_mask None or bool (B,Nk), scale None or finite,
-    and Nq == Nk when ``causal`` (self-attention: query i and key i are the same position)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t, 4, exact_rank=True)
-    check_same("q, k, v", q, k, v)
-    B, H, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes of q, k, v ({B}, {k.shape[0]}, {v.shape[0]}) must match")
-    if k.shape[-1] != D:
-        raise ValueError(f"head dim of k ({k.shape[-1]}) must equal that of q ({D})")
-    if k.shape[1:3] != v.shape[1:3]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (Hk, Nk)")
-    # zero-size dims are answered as exact attention answers them (guard.py)
-    if (k.shape[1] == 0 and H != 0) or (k.shape[1] > 0 and H % k.shape[1] != 0):
-        raise ValueError(f"heads of q ({H}) must be a multiple of the heads of k/v ({k.shape[1]})")
+    may be 0: guard.py answers them as exact attention does), H a multiple of Hk,
+    key_padding_mask None or bool (B,Nk), scale None or finite, and Nq == Nk when ``causal``
+    (self-attention: query i and key i are the same position)."""
     if not isinstance(causal, bool):
         raise ValueError(f"causal ({causal!r}) must be a bool")
-    if causal and Nq != k.shape[2]:
-        raise ValueError(f"causal=True is self-attention: Nq ({Nq}) must equal Nk "
+    check_key_value_attention(q, k, v, key_padding_mask, scale)
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal=True is self-attention: Nq ({q.shape[2]}) must equal Nk "
                          f"({k.shape[2]}); use causal=False for keys every query may see")
-    check_valid(key_padding_mask, (B, k.shape[2]), "key_padding_mask")
-    if key_padding_mask is not None and key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    check_scale(scale)
 
 
 def check_block(block) -> None:

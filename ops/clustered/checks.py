@@ -7,11 +7,8 @@ import torch
 
 from clusterfx.ops.common.checks import (
     NATIVE_IMPLS,
-    check_float,
+    check_key_value_attention,
     check_positive_int,
-    check_same,
-    check_scale,
-    check_valid,
 )
 from clusterfx.ops.common.checks import (
     check_impl as _check_impl,
@@ -20,26 +17,10 @@ from clusterfx.ops.common.checks import (
 
 def check_attention_inputs(q, k, v, key_padding_mask, scale) -> None:
     """q (B,H,Nq,D), k (B,Hk,Nk,D), v (B,Hk,Nk,Dv) of one float dtype and device, H a
-    multiple of Hk, key_padding_mask None or bool (B,Nk), scale None or a finite number."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t, 4, exact_rank=True)
-    check_same("q, k, v", q, k, v)
-    B, H, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes of q, k, v ({B}, {k.shape[0]}, {v.shape[0]}) must match")
-    if k.shape[-1] != D:
-        raise ValueError(f"head dim of k ({k.shape[-1]}) must equal that of q ({D})")
-    if k.shape[1:3] != v.shape[1:3]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (Hk, Nk)")
-    Hk = k.shape[1]
-    if (Hk == 0 and H != 0) or (Hk > 0 and H % Hk != 0):
-        raise ValueError(f"heads of q ({H}) must be a multiple of the heads of k/v ({Hk})")
-    # zero-size dims are accepted: the ops answer them as exact attention does
-    # (ops/common/degenerate.py)
-    check_valid(key_padding_mask, (B, k.shape[2]), "key_padding_mask")
-    if key_padding_mask is not None and key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    check_scale(scale)
+    multiple of Hk, key_padding_mask None or bool (B,Nk), scale None or a finite number.
+    Zero-size dims are accepted: the ops answer them as exact attention does
+    (ops/common/degenerate.py)."""
+    check_key_value_attention(q, k, v, key_padding_mask, scale)
 
 
 def clamped_clusters(clusters: int, q) -> int:

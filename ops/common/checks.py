@@ -109,3 +109,26 @@ def compute_dtype(t: torch.Tensor | torch.dtype) -> torch.dtype:
     bf16 accumulate in fp32)."""
     dtype = t if isinstance(t, torch.dtype) else t.dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_key_value_attention(q, k, v, key_padding_mask, scale) -> None:
+    """q (B,H,Nq,D), k (B,Hk,Nk,D), v (B,Hk,Nk,Dv) of one float dtype and device (any size may
+    be 0: the ops answer zero-size dims as exact attention does), H a multiple of Hk,
+    key_padding_mask None or bool (B,Nk) on q's device, scale None or a finite number."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t, 4, exact_rank=True)
+    check_same("q, k, v", q, k, v)
+    B, H, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes of q, k, v ({B}, {k.shape[0]}, {v.shape[0]}) must match")
+    if k.shape[-1] != D:
+        raise ValueError(f"head dim of k ({k.shape[-1]}) must equal that of q ({D})")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (Hk, Nk)")
+    Hk = k.shape[1]
+    if (Hk == 0 and H != 0) or (Hk > 0 and H % Hk != 0):
+        raise ValueError(f"heads of q ({H}) must be a multiple of the heads of k/v ({Hk})")
+    check_valid(key_padding_mask, (B, k.shape[2]), "key_padding_mask")
+    if key_padding_mask is not None and key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    check_scale(scale)
