@@ -12,6 +12,9 @@ Paths (``PATHS``), in order of precedence:
    bias, or has another pattern), or causality with Nq ≠ Nk → exact attention;
 0. causal self-attention — ``is_causal``, or a mask equal to ``(j <= i) ∧ keep_j`` as Hugging
    Face decoders build from ``attention_mask`` — → causal (i-)clustered attention;
+5. ... of at most ``block`` queries → exact attention: every query's causal block then holds
+   all its keys, so the causal variant would compute exact attention anyway (reported as such,
+   not as an approximation);
 1. key padding only, on a site whose query stream is causal (``causal_queries``: decoder
    cross-attention) → the causal variant with every key visible (``causal=False``): queries are
    never pooled;
@@ -44,7 +47,7 @@ from clusterfx.ops.common.dispatch import resolve_impl
 
 PATHS = ("approximate (causal)", "approximate (causal queries, all keys)",
          "exact: shorter than min_length", "exact: mask is neither causal nor key padding",
-         "approximate")
+         "approximate", "exact: within one causal block")
 _MASKED = -1e4  # additive values at or below this mean "masked"
 _ROWS = 1024  # mask rows compared at a time
 
@@ -85,7 +88,7 @@ def _dense(q, k, v, mask, is_causal, scale):
     return dense_attention(q, k, v, mask, 0.0, is_causal, scale, q.shape[1] != k.shape[1])
 
 
-def _choose(q, k, attn_mask, is_causal, causal_queries, min_length):
+def _choose(q, k, attn_mask, is_causal, causal_queries, min_length, block):
     """(path, key keep) for one call."""
     B, _, Nq = q.shape[:3]
     Nk = k.shape[2]
@@ -95,7 +98,9 @@ def _choose(q, k, attn_mask, is_causal, causal_queries, min_length):
     if kind == "other":
         return 3, None
     if kind == "causal_padding" or is_causal:
-        return (0 if Nq == Nk else 3), keep
+        if Nq != Nk:
+            return 3, None
+        return (5 if Nq <= block else 0), keep
     return (1 if causal_queries else 4), keep
 
 
@@ -115,11 +120,11 @@ def causal_conditional_attention(
     spec = ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
     checks.check_topk(topk)
     checks.check_block(block)
-    path, keep = _choose(q, k, attn_mask, is_causal, causal_queries, min_length)
+    path, keep = _choose(q, k, attn_mask, is_causal, causal_queries, min_length, block)
     ka, qa, idx = (t.zero_() for t in registration.fake_choices(
         q, k, clusters, _topk(method, topk), block, True))
     fam = torch.zeros(q.shape[:3], dtype=torch.int64, device=q.device)
-    if path in (2, 3):
+    if path in (2, 3, 5):
         telemetry.record("causal_conditional_attention", "dense", site=site, path=PATHS[path])
         out = _dense(q, k, v, attn_mask, is_causal, scale)
     elif path in (0, 1):
@@ -159,7 +164,7 @@ def causal_conditional_attention_backward(
         return torch.ops.clusterfx.conditional_attention_backward(
             grad, q, k, v, attn_mask, fam_assign, torch.zeros((), dtype=torch.int64), no_idx,
             scale, method, clusters, topk, impl)
-    if p in (2, 3):
+    if p in (2, 3, 5):
         fn = lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale)  # noqa: E731
     else:
         _, keep = mask_structure(attn_mask, q.shape[0], q.shape[2], k.shape[2])
