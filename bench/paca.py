@@ -24,7 +24,17 @@ above), both the chunked cpu path; "reference" is the full-matrix oracle (global
 original TCFormer computes it), skipped above N=3136 with --no-reference.
 
 Time: the median of R calls after one warm-up, all methods of one N round robin so load hits
-them alike; ratio = t(baseline) / t(method). Peak memory on CPU: each case runs once more in a
+them alike; ratio = t(baseline) / t(method).
+
+Ceiling: each attention case's matrix-product FLOPs, counted from its shapes (projections,
+clustering head, pooling, attention; softmax, LayerNorm and GELU not counted, so a lower
+bound), and this machine's dense GEMM rate, measured in the same rounds ("gemm": a 2048³
+matmul in the run's dtype; the smaller, thinner products of the attention cases run slower). A
+target's ceiling is t(baseline) · rate / FLOPs(method): the ratio the method would reach if
+every product ran at that rate and nothing else cost time. A target above its ceiling is out
+of reach of any implementation of that method on this machine at this dtype.
+
+Peak memory on CPU: each case runs once more in a
 fresh `python -m clusterfx.bench.paca --worker SPEC`, reporting peak RSS minus RSS after
 building the module and inputs (VmHWM reset through /proc/self/clear_refs; glibc told to mmap
 buffers >= 64 KiB so RSS follows live tensors); good to a few hundred KiB.
@@ -55,7 +65,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LAYER = ("dense-sdpa", "dense-mha", "paca-conv", "paca-linear")
 CORE = ("sdpa-core", "paca-core")
 DPC = ("dpc-global", "dpc-local", "dpc-reference")
-BASELINE = {"layer": "dense-sdpa", "core": "sdpa-core", "dpc": "dpc-global"}
+PEAK = "gemm"
+GEMM_SIZE = 2048
+BASELINE = {"layer": "dense-sdpa", "core": "sdpa-core", "dpc": "dpc-global", "peak": PEAK}
 SEED = 0
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # (label, group, method, baseline, N, bound): ratio t(baseline) / t(method) >= bound
@@ -114,6 +126,9 @@ def build(method: str, n: int, cfg: dict) -> tuple[Callable, tuple]:
         clusters, kind = (0, "conv") if method == "dense-sdpa" else (m, method[5:])
         layer = PaCaAttention(c, h, clusters=clusters, clustering=kind).to(dev, dtype).eval()
         return (lambda x: layer(x, (side, side))[0]), (rand(1, n, c),)
+    if method == PEAK:
+        a, b = rand(GEMM_SIZE, GEMM_SIZE), rand(GEMM_SIZE, GEMM_SIZE)
+        return torch.mm, (a, b)
     if method in CORE:
         q, k, v = (rand(1, h, n, c // h) for _ in range(3))
         if method == "sdpa-core":
@@ -123,6 +138,25 @@ def build(method: str, n: int, cfg: dict) -> tuple[Callable, tuple]:
     regions = _regions(n) if method == "dpc-local" else 1
     impl = "reference" if method == "dpc-reference" else "cpu"
     return (lambda x: dpc_knn(x, n // 4, regions=regions, impl=impl)), (x,)
+
+
+def matmul_flops(method: str, n: int, cfg: dict) -> float | None:
+    """FLOPs of the matrix products (and convolutions) of one forward of an attention case,
+    from its shapes; None for cases that are not attention (DPC-kNN, the GEMM probe)."""
+    c, m = cfg["dim"], cfg["clusters"]
+    attention_dense = 4 * n * n * c  # QKᵀ and PV over all heads
+    if method in ("dense-sdpa", "dense-mha"):
+        return 8 * n * c * c + attention_dense  # q, k, v, out projections
+    if method == "sdpa-core":
+        return attention_dense
+    pooled = 4 * m * n * c  # z·k and z·v (the op pools keys and values)
+    if method == "paca-core":
+        return pooled + 4 * n * m * c
+    if method in ("paca-conv", "paca-linear"):
+        head = (2 * n * c * 49 + 2 * n * c * c + 2 * n * c * m if method == "paca-conv"
+                else 2 * n * c * m)  # depthwise 7×7, 1×1, 1×1 to M | linear to M
+        return head + 2 * m * n * c + 4 * n * c * c + 4 * m * c * c + 4 * n * m * c
+    return None
 
 
 def _sync(device: str) -> None:
@@ -168,7 +202,7 @@ def _methods(n: int, cfg: dict) -> list[tuple[str, str]]:
     dpc = ["dpc-global", "dpc-local"]
     if cfg["reference"] and n <= 3136 and cfg["device"] == "cpu":
         dpc.append("dpc-reference")
-    return groups + [("dpc", m) for m in dpc]
+    return groups + [("dpc", m) for m in dpc] + [("peak", PEAK)]
 
 
 def measure(cfg: dict, log: Callable[[str], None]) -> list[dict]:
@@ -187,9 +221,12 @@ def measure(cfg: dict, log: Callable[[str], None]) -> list[dict]:
                     if i:  # round 0 warms up
                         times[method].append(time.perf_counter() - start)
         for group, method, _, _ in cases:
-            mem = peak_memory(method, n, cfg) if cfg["memory"] else None
-            rows.append({"n": n, "group": group, "method": method,
-                         "time_s": statistics.median(times[method]), "peak_bytes": mem})
+            mem = peak_memory(method, n, cfg) if cfg["memory"] and group != "peak" else None
+            flops = (2 * GEMM_SIZE ** 3 if method == PEAK else matmul_flops(method, n, cfg))
+            t = statistics.median(times[method])
+            rows.append({"n": n, "group": group, "method": method, "time_s": t,
+                         "peak_bytes": mem, "gflop": None if flops is None else flops / 1e9,
+                         "gflop_per_s": None if flops is None else flops / 1e9 / t})
         del cases
     for r in rows:
         base = next(x for x in rows if x["n"] == r["n"] and x["method"] == BASELINE[r["group"]])
@@ -200,13 +237,27 @@ def measure(cfg: dict, log: Callable[[str], None]) -> list[dict]:
 
 
 def evaluate_targets(rows: list[dict]) -> list[dict]:
+    """Each target's measured ratio and its ceiling (module docstring) on this machine."""
     out = []
     for label, _group, method, baseline, n, bound in TARGETS:
         row = {r["method"]: r for r in rows if r["n"] == n}
         if method in row and baseline in row:
             ratio = row[baseline]["time_s"] / row[method]["time_s"]
-            out.append({"target": label, "ratio": ratio, "met": ratio >= bound})
+            ceiling = None
+            if PEAK in row and row[method]["gflop"]:
+                floor_s = row[method]["gflop"] / row[PEAK]["gflop_per_s"]
+                ceiling = row[baseline]["time_s"] / floor_s
+            out.append({"target": label, "ratio": ratio, "met": ratio >= bound,
+                        "bound": bound, "ceiling": ceiling})
     return out
+
+
+def target_note(t: dict) -> str:
+    text = f"target {t['target']}: {t['ratio']:.1f}x -> {'met' if t['met'] else 'MISSED'}"
+    if t["ceiling"] is not None:
+        reach = "" if t["ceiling"] >= t["bound"] else ", out of reach on this machine"
+        text += f" (ceiling {t['ceiling']:.1f}x at the measured GEMM rate{reach})"
+    return text
 
 
 def _mib(b: int | None) -> str:
@@ -214,12 +265,14 @@ def _mib(b: int | None) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| N | group | method | time | speed-up vs baseline | peak memory | memory ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| N | group | method | time | speed-up vs baseline | peak memory | memory ratio "
+             "| GFLOP | GFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.1f}x"
+        flops = ("- | -" if r.get("gflop") is None
+                 else f"{r['gflop']:.3f} | {r['gflop_per_s']:.1f}")
         lines.append(f"| {r['n']} | {r['group']} | {r['method']} | {1e3 * r['time_s']:.2f} ms "
-                     f"| {r['speedup']:.1f}x | {_mib(r['peak_bytes'])} | {ratio} |")
+                     f"| {r['speedup']:.1f}x | {_mib(r['peak_bytes'])} | {ratio} | {flops} |")
     return "\n".join(lines)
 
 
@@ -261,8 +314,7 @@ def run(args: argparse.Namespace) -> int:
               f"{cfg['threads']} threads, median of {cfg['repeats']}, load average "
               f"{load[0]:.2f} -> {load[1]:.2f} on {os.cpu_count()} cores; baselines: layer "
               f"dense-sdpa, core sdpa-core, dpc dpc-global")
-    notes = [f"target {t['target']}: {t['ratio']:.1f}x -> {'met' if t['met'] else 'MISSED'}"
-             for t in targets]
+    notes = [target_note(t) for t in targets]
     if cfg["device"] == "cpu":
         notes.append("no GPU measurement: this run had no CUDA device (the bf16 / flash SDPA "
                      "comparison runs with --device cuda)")

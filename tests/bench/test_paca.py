@@ -38,3 +38,40 @@ def test_bad_sizes_exit_2(capsys):
     assert main(["bench", "paca", "--sizes", "99", "--no-memory"]) == 2
     assert "--sizes: 99 must be a perfect square" in capsys.readouterr().err
     assert main(["bench", "paca", "--dim", "10", "--heads", "3"]) == 2
+
+
+def test_flop_counts_agree_with_torch_flop_counter():
+    """The shape-derived counts equal torch's FlopCounterMode wherever it sees the products;
+    it does not see CPU SDPA, whose 4·N·Nk·C term is added by hand."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clusterfx.bench.paca import build, matmul_flops
+
+    cfg = {"device": "cpu", "dtype": "float32", "dim": 16, "heads": 2, "clusters": 8}
+    n, c, m = 64, 16, 8
+    unseen = {"dense-sdpa": 4 * n * n * c, "paca-conv": 4 * n * m * c,
+              "paca-linear": 4 * n * m * c, "paca-core": 0}
+    for method, sdpa in unseen.items():
+        fn, inputs = build(method, n, cfg)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(*inputs)
+        assert matmul_flops(method, n, cfg) - sdpa == counter.get_total_flops(), method
+
+
+def test_target_ceiling_from_the_gemm_rate():
+    from clusterfx.bench.paca import evaluate_targets, target_note
+
+    def row(method, t, gflop):
+        return {"n": 3136, "method": method, "time_s": t, "gflop": gflop,
+                "gflop_per_s": None if gflop is None else gflop / t}
+
+    rows = [row("dense-mha", 0.08, 4.0), row("paca-conv", 0.006, 0.45),
+            row("gemm", 0.015, 2.1)]  # 140 GFLOP/s: paca-conv can take no less than 3.2 ms
+    t = next(x for x in evaluate_targets(rows) if x["target"].startswith("PaCa layer vs dense MHA"))
+    assert abs(t["ratio"] - 0.08 / 0.006) < 1e-9 and not t["met"]
+    assert abs(t["ceiling"] - 0.08 / (0.45 / 140.0)) < 1e-9  # 24.9x < 25x
+    assert "out of reach" in target_note(t)
+    rows[0]["time_s"] = 0.2
+    t = next(x for x in evaluate_targets(rows) if x["target"].startswith("PaCa layer vs dense MHA"))
+    assert "out of reach" not in target_note(t) and t["ceiling"] > 25
