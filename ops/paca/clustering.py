@@ -61,8 +61,10 @@ def cluster_logits(x: torch.Tensor, params: list[torch.Tensor] | tuple[torch.Ten
         b, n, c = x.shape
         fmap = x.transpose(1, 2).reshape(b, c, grid[0], grid[1])  # (B, C, H, W)
         fmap = F.gelu(F.conv2d(fmap, w_dw, b_dw, padding=w_dw.shape[-1] // 2, groups=c))
-        fmap = F.gelu(F.conv2d(fmap, w_pw, b_pw))
-        logits = F.conv2d(fmap, w_out).flatten(2)  # (B, M, Np)
+        # the 1×1 convolutions as channel products in the (B, Np, C) layout: same weights and
+        # result, without the convolution kernels' overhead
+        y = F.gelu(F.linear(fmap.flatten(2).transpose(1, 2), w_pw.flatten(1), b_pw))
+        logits = F.linear(y, w_out.flatten(1)).transpose(1, 2)  # (B, M, Np)
     else:
         raise ValueError(f"clustering ({kind!r}) must be one of {CLUSTERINGS}")
     return logits if prior is None else logits + prior

@@ -188,3 +188,23 @@ def test_tcformer_config_errors():
         tiny_tcformer(regions=((3, 3), (1, 1)))
     with pytest.raises(ValueError, match="regions needs one"):
         tiny_tcformer(regions=((2, 2),))
+
+
+def test_conv_clustering_head_equals_its_convolutions():
+    """The conv head computes its 1×1 convolutions as channel products: it must equal the
+    convolution stack it holds (depthwise 7×7, GELU, 1×1, GELU, 1×1), values and gradients."""
+    from clusterfx.models.paca_vit import Clustering
+
+    torch.manual_seed(0)
+    head = Clustering(12, 5, "conv").double()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 6 * 4, 12, dtype=torch.float64, requires_grad=True)
+    got = head(x, (6, 4))
+    want = head.net(x.transpose(1, 2).reshape(2, 12, 6, 4)).flatten(2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad((got * g).sum(), (x, *head.parameters()))
+    expected = torch.autograd.grad((want * g).sum(), (x, *head.parameters()))
+    for a, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)

@@ -158,3 +158,24 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 def test_clustering_head_rejects_bad_cluster_counts(bad):
     with pytest.raises(ValueError, match="clusters"):
         PatchClustering(8, bad, (4, 4))
+
+
+def test_conv_patch_clustering_equals_its_convolutions():
+    """cluster_logits' conv kind (1×1 convolutions computed as channel products) equals the
+    paper's convolution stack on the (C, H, W) map, with a prior, values and gradients."""
+    torch.manual_seed(0)
+    head = PatchClustering(12, 6, (4, 5), kind="conv", init="pool").double()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 20, 12, dtype=torch.float64, requires_grad=True)
+    got = head(x)
+    fmap = x.transpose(1, 2).reshape(2, 12, 4, 5)
+    fmap = F.gelu(F.conv2d(fmap, head.dw.weight, head.dw.bias, padding=3, groups=12))
+    fmap = F.gelu(F.conv2d(fmap, head.pw.weight, head.pw.bias))
+    want = F.conv2d(fmap, head.out.weight).flatten(2) + head.prior
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad((got * g).sum(), (x, *head.parameters()))
+    expected = torch.autograd.grad((want * g).sum(), (x, *head.parameters()))
+    for a, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
