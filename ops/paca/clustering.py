@@ -52,7 +52,7 @@ def cluster_logits(x: torch.Tensor, params: list[torch.Tensor] | tuple[torch.Ten
     prior = params.pop() if has_prior else None
     if kind == "linear":
         (w,) = params
-        logits = F.linear(x, w).transpose(1, 2)  # (B, M, Np)
+        logits = w.expand(x.shape[0], -1, -1) @ x.mT  # (B, M, Np) contiguous: one bmm
     elif kind == "mlp":
         w1, b1, w2, b2 = params
         logits = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).transpose(1, 2)
@@ -64,7 +64,7 @@ def cluster_logits(x: torch.Tensor, params: list[torch.Tensor] | tuple[torch.Ten
         # the 1×1 convolutions as channel products in the (B, Np, C) layout: same weights and
         # result, without the convolution kernels' overhead
         y = F.gelu(F.linear(fmap.flatten(2).transpose(1, 2), w_pw.flatten(1), b_pw))
-        logits = F.linear(y, w_out.flatten(1)).transpose(1, 2)  # (B, M, Np)
+        logits = w_out.flatten(1).expand(b, -1, -1) @ y.mT  # (B, M, Np) contiguous
     else:
         raise ValueError(f"clustering ({kind!r}) must be one of {CLUSTERINGS}")
     return logits if prior is None else logits + prior
