@@ -57,7 +57,8 @@ NATIVE_LIBRARY = fused.LIB  # the fused kernels (ops/build.py builds them)
 
 __all__ = ["METRIC_KEYS", "NATIVE_LIBRARY", "ClusteringSpec", "attention_metric",
            "cluster_queries", "cluster_with", "counters", "euclidean_kmeans", "hamming_kmeans",
-           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount"]
+           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount",
+           "random_draws"]
 
 METRIC_KEYS = 4096  # keys per row that attention_metric's covariance reads, at most
 IMPLS = NATIVE_IMPLS
@@ -391,10 +392,9 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
     _clamp_warning(clusters, N, None)
     telemetry.record(f"cluster_queries.{clustering}", backend)
-    gen = _generator(seed)
+    planes, plan = random_draws(x.shape[0], N, D, clusters, iterations=iterations, bits=bits,
+                                seed=seed, clustering=clustering, device=q.device)
     if backend == "cpu":  # hash + k-means + Lloyd steps in one kernel call
-        planes = _draw_planes(bits, D, gen) if clustering == "hamming" else None
-        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         # the kernel takes the root itself when torch's LAPACK is at hand
         root = None if m is None or native.has_lapack() else _root_for(m, q)
         a, c = fused.cluster_queries(x, clustering, bits, planes, plan, refine, metric=m,
@@ -402,12 +402,9 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
         return a.view(*batch, N), c.view(*batch, clusters)
     root = None if m is None else _root_for(m, q)
     if clustering == "kmeans":
-        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         y = x if root is None else x.to(root.dtype) @ root
         a, c = (reference if backend == "reference" else cpu).euclidean_kmeans(y, *plan, valid)
     else:
-        planes = _draw_planes(bits, D, gen)
-        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         if backend == "reference":
             a, c = reference.hamming_kmeans(reference.lsh_hash(x, planes, root, centre), *plan,
                                             valid, bits)
@@ -425,6 +422,24 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     if refine:
         a, c = lloyd_refine(x, a, clusters, refine, m)
     return a.view(*batch, N), c.view(*batch, clusters)
+
+
+def random_draws(rows: int, n: int, dim: int, clusters: int, *, iterations: int = 10,
+                 bits: int = 63, seed: int = -1, clustering: str = "hamming",
+                 device: torch.device | str | None = None):
+    """Every random choice ``cluster_queries`` makes for ``rows`` rows of ``n`` queries of dim
+    ``dim``, in the order it draws them from one generator seeded with ``seed``: the
+    hyperplanes (``clustering="hamming"`` only; None for "kmeans"), then the k-means plan
+    (``_kmeans_plan`` with every query valid). Sequence parallelism draws the same for the
+    whole sequence on every rank, so that its distributed clustering equals one process.
+
+    Shapes: → planes (bits, dim + 1) float64 or None, (init_idx (rows, C), reseed_idx
+    (iterations - 1, rows, C), active (rows, C)), positions in [0, n).
+    """
+    gen = _generator(seed)
+    planes = _draw_planes(bits, dim, gen) if clustering == "hamming" else None
+    valid = torch.ones(rows, n, dtype=torch.bool, device=device)
+    return planes, _kmeans_plan(valid, True, clusters, iterations, gen)
 
 
 def cluster_with(q: torch.Tensor, spec: ClusteringSpec, *, metric: torch.Tensor | None = None,
