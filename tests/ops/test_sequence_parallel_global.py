@@ -163,6 +163,7 @@ def test_global_clustered_equals_one_process_on_two_ranks(two_ranks, index):
     _check(two_ranks, index, TWO[index])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(FOUR)), ids=_ids(FOUR))
 def test_global_clustered_equals_one_process_on_four_ranks(four_ranks, index):
     _check(four_ranks, index, FOUR[index])
