@@ -83,10 +83,10 @@ def global_volumes(node: fx.Node, mesh, seq_len: int) -> list[tuple[str, str, st
 
     forward: the keys' statistics (attention metric: n, Σk, Σkkᵀ in float64 per kv head); the
     SimHash centre (Hamming in the attention metric: Σy and the count per row); the init and
-    reseed codes (int64) or vectors; per k-means round the sign sums and counts (int32) or the
-    sums and counts; per refine step the float32 sums and counts; the centroids' sums and
-    counts (C+1 rows: the spare cluster) plus a flag; the lse maximum; the weighted outputs and
-    weights. backward: dO^c and dQ^c. Nothing when r = 1."""
+    reseed codes (int64) or vectors, with a checksum of the random draw; per k-means round the
+    sign sums and counts (int32) or the sums and counts; per refine step the float32 sums and
+    counts; the centroids' sums and counts (C+1 rows: the spare cluster) plus a flag; the lse
+    maximum; the weighted outputs and weights. backward: dO^c and dQ^c. Nothing when r = 1."""
     r, u = mesh.ring, mesh.ulysses
     if r == 1:
         return []
@@ -105,7 +105,7 @@ def global_volumes(node: fx.Node, mesh, seq_len: int) -> list[tuple[str, str, st
         fwd.append(B * hk * (1 + D + D * D) * 8)
         if hamming:
             fwd.append(rows * (D + 1) * hd)
-    fwd.append(spec.iterations * rows * C * (8 if hamming else D * hd))
+    fwd.append((spec.iterations * rows * C * (1 if hamming else D) + 1) * (8 if hamming else hd))
     fwd += [rows * C * ((spec.bits + 1) * 4 if hamming else (D + 1) * hd)] * (
         spec.iterations - 1)
     fwd += [rows * C * (D + 1) * 4] * spec.refine

@@ -15,7 +15,9 @@ distributed run equal:
   centre of the SimHash is the global mean of the marked queries (Σ y and the count are
   all-reduced);
 * seeds: the codes (Hamming) or vectors (Euclidean) of the init and reseed positions come from
-  their owners in one all-reduce of a zero-filled (iterations, B·H/u, C[, D]) buffer, up front;
+  their owners in one all-reduce of a zero-filled (iterations, B·H/u, C[, D]) buffer, up front
+  (with a checksum of the draw: ranks that drew differently, ``seed=-1`` with unsynchronised
+  global RNGs, raise ValueError together);
 * each round assigns locally (Hamming: exact integer GEMM of ±1 signs; Euclidean: the
   reference's Σ_d (x_d - c_d)²) and all-reduces per cluster the per-bit sign sums and member
   counts (majority: Σ signs > 0, a tie gives 0) or the sums and counts (means); an active
@@ -70,6 +72,7 @@ class _Rows:
         self.local[self.positions] = torch.arange(Nb, device=q.device)
         b = torch.arange(B, device=q.device)[:, None] * self.heads
         self.rows = (b + self.head0 + torch.arange(h, device=q.device)).reshape(-1)  # (B·h,)
+        self.checksum = 0  # of the whole random draw (see `_seed_values`)
 
     def take(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.to(self.rows.device).index_select(dim, self.rows)
@@ -78,14 +81,25 @@ class _Rows:
 def _seed_values(values: torch.Tensor, idx: torch.Tensor, rows: _Rows, groups: comm.Groups,
                  tag: str) -> torch.Tensor:
     """values (R, Nb, E) of the local queries, idx (T, R, C) global positions → (T, R, C, E)
-    the values at those positions, each filled in by its owner and summed over the ring."""
+    the values at those positions, each filled in by its owner and summed over the ring.
+
+    One more element travels with them: a checksum of the whole draw, which every ring rank
+    must have drawn alike (``seed=-1`` draws from each process's global RNG); ValueError on
+    every rank of the ring otherwise, instead of clusters made of different hashes."""
     T, R, C = idx.shape
     slot = rows.local[idx]  # (T, R, C), -1 elsewhere
     mine = slot >= 0
     r_idx = torch.arange(R, device=idx.device)[None, :, None].expand(T, R, C)
     picked = values[r_idx, slot.clamp_min(0)]  # (T, R, C, E)
     picked = torch.where(mine[..., None], picked, torch.zeros_like(picked))
-    return ring_sum(picked, groups, tag)
+    flat = torch.cat([picked.reshape(-1), picked.new_full((1,), rows.checksum)])
+    flat = ring_sum(flat, groups, tag)
+    if int(flat[-1]) != rows.checksum * groups.ring:
+        raise ValueError("sequence parallel: the ring ranks drew different clusterings "
+                         "(seed=-1 draws from each process's global RNG): seed every process "
+                         "alike (torch.manual_seed) or give the policy a seed, e.g. "
+                         "Clustered(seed=0)")
+    return flat[:-1].view(picked.shape)
 
 
 def _hash_signs(x: torch.Tensor, planes: torch.Tensor, root: torch.Tensor | None,
@@ -195,6 +209,8 @@ def cluster_global(q: torch.Tensor, spec: ClusteringSpec, metric: torch.Tensor |
     planes, plan = random_draws(B * rows.heads, layout.seq_len, D, spec.clusters,
                                 iterations=spec.iterations, bits=spec.bits, seed=spec.seed,
                                 clustering=spec.clustering)
+    # small enough to stay exact in float32 sums over any ring
+    rows.checksum = (int(plan[0].sum()) * 31 + int(plan[1].sum())) % 65521
     plan = (rows.take(plan[0], 0), rows.take(plan[1], 1), rows.take(plan[2], 0))
     cdt = _hash_dtype(q)
     x = q.reshape(B * h, Nb, D).to(cdt)

@@ -113,7 +113,28 @@ def global_cases(rank, world, cases):
                         "oracle_is_cluster_with": bool(torch.equal(op_assign, want_assign)),
                         "local_same": bool(torch.equal(local_assign, mine)),
                         "errors": errs, "sent": dict(sp.traffic[f"g{n}"])})
-    return results
+    return results, _unseeded(world, cases[0])
+
+
+def _unseeded(world, c):
+    """seed=-1 draws from each process's global RNG: seeded alike, the ranks agree; seeded
+    differently, every ring rank raises the same ValueError (no hang, no mixed clusters)."""
+    from clusterfx.ops import sequence_parallel as sp
+
+    groups = _groups(world, c["u"], c["r"])
+    layout = sp.SeqLayout(c["seq_len"], c["u"], c["r"], c["zigzag"])
+    q, k, v, _, keep = _inputs(c, 0)
+    pos = sp.local_positions(layout, groups)
+    outcome = []
+    for seed in (3, 3 + groups.ring_rank()):
+        torch.manual_seed(seed)
+        try:
+            sp.usp_global_clustered_attention(q[:, :, pos], k[:, :, pos], v[:, :, pos], layout,
+                                              groups, clusters=3, key_padding_mask=keep)
+            outcome.append("ran")
+        except ValueError as exc:
+            outcome.append(str(exc))
+    return outcome
 
 
 TWO = [_case(1, 2), _case(1, 2, zigzag=False, metric="euclidean", pad=False),
@@ -134,13 +155,26 @@ def _ids(cases):
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
+def two_ranks_all():
     return launch(f"{__name__}:global_cases", 2, {"cases": TWO}, timeout=300)
 
 
 @pytest.fixture(scope="module")
+def two_ranks(two_ranks_all):
+    return [cases for cases, _ in two_ranks_all]
+
+
+@pytest.fixture(scope="module")
 def four_ranks():
-    return launch(f"{__name__}:global_cases", 4, {"cases": FOUR}, timeout=300)
+    return [cases for cases, _ in launch(f"{__name__}:global_cases", 4, {"cases": FOUR},
+                                         timeout=300)]
+
+
+def test_unsynchronised_global_rngs_are_refused_on_every_rank(two_ranks_all):
+    for _, (alike, apart) in two_ranks_all:
+        assert alike == "ran"
+        assert "the ring ranks drew different clusterings" in apart
+        assert "Clustered(seed=0)" in apart
 
 
 def _check(results, index, case):

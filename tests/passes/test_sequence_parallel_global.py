@@ -26,11 +26,11 @@ def _bert():
 
 def _ring_volumes(r, u, C, iterations, bits, refine, item=4, cd=4, B=B, H=H, D=D):
     """All-reduces of one site per step (hand-written from the op's docstring): metric stats,
-    centre, seeds, rounds, refine, centroids (+1 spare row, +1 flag), lse max, merged outputs;
-    backward dO^c and dQ^c. Each sends 2(r-1)/r of its buffer."""
+    centre, seeds (+ a checksum of the draw), rounds, refine, centroids (+1 spare row, +1
+    flag), lse max, merged outputs; backward dO^c and dQ^c. Each sends 2(r-1)/r of its buffer."""
     h = H // u
     R = B * h
-    fwd = [B * h * (1 + D + D * D) * 8, R * (D + 1) * item, iterations * R * C * 8]
+    fwd = [B * h * (1 + D + D * D) * 8, R * (D + 1) * item, (iterations * R * C + 1) * 8]
     fwd += [R * C * (bits + 1) * 4] * (iterations - 1) + [R * C * (D + 1) * 4] * refine
     fwd += [(R * (C + 1) * (D + 1) + 1) * cd, R * (C + 1) * cd, R * (C + 1) * (D + 1) * cd]
     bwd = [R * (C + 1) * D * cd] * 2

@@ -41,11 +41,17 @@ def compiled_cases(rank, world, cases):
         policy = cfx.Clustered(clusters=3, seed=5, **case.get("knobs", {}))
         mesh = cfx.SequenceParallel(ulysses=case["u"], ring=case["r"],
                                     data_parallel=world // (case["u"] * case["r"]))
+        if case.get("device_mesh"):  # the user's DeviceMesh alone: the options' defaults
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (case["u"], case["r"]),
+                                    mesh_dim_names=("ulysses", "ring"))
         params = list(model.parameters())
 
-        compiled = cfx.compile(model, policy=policy, backend="eager", mesh=mesh)
+        backend = case.get("backend", "eager")
+        compiled = cfx.compile(model, policy=policy, backend=backend, mesh=mesh)
         out, grads = _run(compiled, inputs, params)
-        want, want_grads = _run(cfx.compile(model, policy=policy, backend="eager"), inputs,
+        want, want_grads = _run(cfx.compile(model, policy=policy, backend=backend), inputs,
                                 params)
         scale = max(float(g.abs().max()) for g in want_grads if g is not None)
         sites = []
@@ -91,5 +97,8 @@ def test_compiled_bert_over_a_ring_equals_one_process():
 
 @pytest.mark.slow
 def test_compiled_bert_under_ulysses_and_usp_equals_one_process():
-    cases = [dict(u=2, r=2), dict(u=4, r=1), dict(u=1, r=4, knobs=dict(clustering="kmeans"))]
+    """(2, 2), (4, 1), (1, 4) Euclidean k-means, the user's DeviceMesh alone (the default
+    ring_clustering), AOTAutograd (the op's backward traced as a custom op)."""
+    cases = [dict(u=2, r=2), dict(u=4, r=1), dict(u=1, r=4, knobs=dict(clustering="kmeans")),
+             dict(u=2, r=2, device_mesh=True), dict(u=1, r=4, backend="aot_eager")]
     _check(launch(f"{__name__}:compiled_cases", 4, {"cases": cases}, timeout=600), cases)
