@@ -53,12 +53,19 @@ from clusterfx.ops.common.checks import (
 from clusterfx.ops.common.dispatch import resolve_impl as _resolve
 from clusterfx.ops.common.telemetry import counters
 
+# the exact ±1 GEMMs of Hamming k-means and the blocked nearest-centroid search, for k-means
+# that runs split over processes (ops/sequence_parallel's global clustering)
+HammingGemm = cpu._HammingGemm
+nearest_centroids = cpu.nearest_centroids
+pack_signs = cpu.pack_signs
+unpack_signs = cpu.unpack_signs
+
 NATIVE_LIBRARY = fused.LIB  # the fused kernels (ops/build.py builds them)
 
-__all__ = ["METRIC_KEYS", "NATIVE_LIBRARY", "ClusteringSpec", "attention_metric",
+__all__ = ["METRIC_KEYS", "NATIVE_LIBRARY", "ClusteringSpec", "HammingGemm", "attention_metric",
            "cluster_queries", "cluster_with", "counters", "euclidean_kmeans", "hamming_kmeans",
-           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount",
-           "random_draws"]
+           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "nearest_centroids",
+           "pack_signs", "popcount", "random_draws", "unpack_signs"]
 
 METRIC_KEYS = 4096  # keys per row that attention_metric's covariance reads, at most
 IMPLS = NATIVE_IMPLS

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.sequence_parallel import (
-    global_registration,  # noqa: F401 - the ops
+    conditional,  # noqa: F401 - global clustered attention's ops
     registration,  # noqa: F401 - registers the ops
 )
 from clusterfx.ops.sequence_parallel.clustered import ring_metric

@@ -1,7 +1,8 @@
 """Global clustered attention over the ring: one process's clustered attention, K/V never move.
 
 The queries of all S positions are clustered as one process clusters them with the same seed
-(`global_clustering.cluster_global`: C clusters per (batch, head) over the whole sequence).
+(`global_clustered_clustering.cluster_global`: C clusters per (batch, head) over the whole
+sequence).
 The C centroids are then the same on every ring rank::
 
     Q^c_j = (Σ_ring Σ_{a(i)=j} q_i) / (Σ_ring n_j)                    (one all-reduce)
@@ -34,15 +35,20 @@ positions when C < S, non-finite queries — whose rows take its centroid, as on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from clusterfx.ops.clustering import ClusteringSpec, attention_metric
+from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common.checks import compute_dtype
-from clusterfx.ops.sequence_parallel.clustered import ring_metric
 from clusterfx.ops.sequence_parallel.common import comm
 from clusterfx.ops.sequence_parallel.common.blocks import additive_bias
 from clusterfx.ops.sequence_parallel.common.layout import SeqLayout
-from clusterfx.ops.sequence_parallel.global_clustering import cluster_global, ring_sum
+from clusterfx.ops.sequence_parallel.global_clustered_clustering import cluster_global, ring_sum
+
+# k (B, hk, Nb, D) → the attention metric (B, h, D, D) of all S valid keys (the caller's:
+# `attention_metric` when r = 1, `clustered.ring_metric` over a ring)
+MetricOf = Callable[[torch.Tensor], torch.Tensor]
 
 
 def local_keep(keep: torch.Tensor | None, layout: SeqLayout, groups: comm.Groups):
@@ -52,17 +58,14 @@ def local_keep(keep: torch.Tensor | None, layout: SeqLayout, groups: comm.Groups
     return keep.index_select(1, layout.block_positions(groups.ring_rank(), keep.device))
 
 
-def assign(q, k, keep, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Groups,
-           tag: str, centre: torch.Tensor | None = None) -> torch.Tensor:
+def assign(q, k, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Groups, tag: str,
+           metric_of: MetricOf, centre: torch.Tensor | None = None) -> torch.Tensor:
     """Assignments (B, h, Nb): this rank's part of one process's clustering of all queries
     (metric: the covariance of all valid keys; `centre` (B, Nb) or (B, h, Nb): the queries
     that count towards the hash's centre, None: all)."""
     metric = None
     if spec.metric == "attention":
-        if groups.ring == 1:  # the whole sequence is here: one process's own arithmetic
-            metric = attention_metric(k, q.shape[1], keep)
-        else:
-            metric = ring_metric(k, q.shape[1], keep, layout, groups, tag)
+        metric = metric_of(k)
     else:
         centre = None
     return cluster_global(q, spec, metric, centre, layout, groups, tag)
@@ -127,7 +130,7 @@ def _guard(q, k, v, keep, clusters: int, layout: SeqLayout, groups: comm.Groups)
 
 
 def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout,
-            groups: comm.Groups, kernels, tag: str):
+            groups: comm.Groups, kernels, tag: str, metric_of: MetricOf):
     """(out, assignments, Q^c, O^c, lse, counts) with C + 1 centroid rows (the last one: the
     spare cluster of excluded queries, see `_guard`), or None when a kept key or value is not
     finite somewhere on the ring (one process then runs exact attention: so does the caller).
@@ -141,7 +144,7 @@ def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout
         centre = local_keep(keep, layout, groups)
         if bad is not None:
             centre = ~bad if centre is None else centre[:, None, :] & ~bad
-    assignments = assign(q_cluster, k, keep, spec, layout, groups, tag, centre)
+    assignments = assign(q_cluster, k, spec, layout, groups, tag, metric_of, centre)
     if excluded is not None:
         assignments = assignments.masked_fill(excluded, C)
     sums = _cluster_sums(q_attend, assignments, C + 1, True, cd)

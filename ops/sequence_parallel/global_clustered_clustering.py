@@ -11,7 +11,7 @@ distributed run equal:
   (its heads); ``init_idx`` / ``reseed_idx`` are *global* token positions (zigzag included:
   rank i holds ``SeqLayout.block_positions(i)``);
 * hash: the same planes on every rank; with the attention metric the root comes from the
-  all-reduced key statistics (`ring_metric`; `attention_metric` itself when r = 1) and the
+  all-reduced key statistics (`clustered.ring_metric`; `attention_metric` when r = 1) and the
   centre of the SimHash is the global mean of the marked queries (Σ y and the count are
   all-reduced);
 * seeds: the codes (Hamming) or vectors (Euclidean) of the init and reseed positions come from
@@ -39,8 +39,15 @@ from __future__ import annotations
 
 import torch
 
-from clusterfx.ops.clustering import ClusteringSpec, metric_root, random_draws
-from clusterfx.ops.clustering import cpu as fast
+from clusterfx.ops.clustering import (
+    ClusteringSpec,
+    HammingGemm,
+    metric_root,
+    nearest_centroids,
+    pack_signs,
+    random_draws,
+    unpack_signs,
+)
 from clusterfx.ops.sequence_parallel.common import comm
 from clusterfx.ops.sequence_parallel.common.layout import SeqLayout
 
@@ -127,10 +134,10 @@ def _hamming(signs: torch.Tensor, plan, rows: _Rows, groups: comm.Groups,
     init_idx, reseed_idx, active = plan
     R, N, bits = signs.shape
     C = init_idx.shape[-1]
-    codes = fast.pack_signs(signs)[..., None]  # (R, Nb, 1) int64
+    codes = pack_signs(signs)[..., None]  # (R, Nb, 1) int64
     seeds = _seed_values(codes, torch.cat([init_idx[None], reseed_idx]), rows, groups, tag)
-    seed_signs = fast.unpack_signs(seeds[..., 0], bits)  # (iterations, R, C, bits)
-    gemm = fast._HammingGemm(signs, torch.ones(R, N, dtype=torch.bool, device=signs.device), C)
+    seed_signs = unpack_signs(seeds[..., 0], bits)  # (iterations, R, C, bits)
+    gemm = HammingGemm(signs, torch.ones(R, N, dtype=torch.bool, device=signs.device), C)
     cent = seed_signs[0]
     rounds = reseed_idx.shape[0]
     for t in range(rounds + 1):
@@ -196,7 +203,7 @@ def _refine(x: torch.Tensor, assign: torch.Tensor, C: int, steps: int,
         means = stats[..., :-1] / counts.clamp_min(1)[..., None]
         mapped = means if m is None else means @ m
         const = (means * mapped).sum(-1).masked_fill_(counts == 0, float("inf"))
-        assign = fast.nearest_centroids(xf, mapped, const)
+        assign = nearest_centroids(xf, mapped, const)
     return assign
 
 

@@ -1,5 +1,5 @@
-"""torch.library registration of global clustered attention over the mesh (namespace
-``clusterfx``; ``*mesh`` as in `registration`):
+"""torch.library registration of global clustered attention over the mesh, the conditional op
+of a clustered site (namespace ``clusterfx``; ``*mesh`` as in `registration`):
 
     sp_global_clustered_attention(q, k, v, mask, scale, *spec (7), min_length, *mesh, impl,
                                   tag, site) -> (out, assignments, path, lse, qc, oc, counts)
@@ -20,7 +20,9 @@ centroids' first C'+1 or the queries' first Nb), qc (B, h, C'+1, D), oc (B, h, C
 counts (B, h, C'+1) in the compute dtype (zeros on the exact path), C' = min(clusters, S).
 
 A kept key or value that is not finite anywhere on the ring makes the call exact ring
-attention (path 3), as one process runs exact attention then.
+attention (path 3), as one process runs exact attention then. (That flag is summed over the
+ring only: under Ulysses a head group holding such a key runs exact while the other head
+groups stay clustered, where one process would make every head exact.)
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.clustered import key_padding
-from clusterfx.ops.clustering import ClusteringSpec
+from clusterfx.ops.clustering import ClusteringSpec, attention_metric
 from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.checks import compute_dtype
 from clusterfx.ops.sequence_parallel import global_clustered
+from clusterfx.ops.sequence_parallel.clustered import ring_metric
 from clusterfx.ops.sequence_parallel.common import ring as ring_mod
 from clusterfx.ops.sequence_parallel.registration import CONDITIONAL_PATHS, kernels, unpack
 
@@ -71,8 +74,13 @@ def sp_global_clustered_attention(
     cd = compute_dtype(q)
     found = None
     if not path:
+        def metric_of(keys: Tensor) -> Tensor:
+            if groups.ring == 1:  # the whole sequence is here: one process's own arithmetic
+                return attention_metric(keys, H, keep)
+            return ring_metric(keys, H, keep, layout, groups, tag)
+
         found = global_clustered.forward(q, k, v, keep, scale, _clamped(spec, seq_len), layout,
-                                         groups, mod, tag)
+                                         groups, mod, tag, metric_of)
         path = 0 if found is not None else 3
     telemetry.record("conditional_attention", "ring " + backend, site=site,
                      path=PATHS[path] + f" [ring {backend}, global clustering]")
