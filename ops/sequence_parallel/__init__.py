@@ -20,6 +20,12 @@ graphs keep them (no graph break); each is bounded by the groups' timeout
 Backward is exact: the ring backward uses the global out and lse, rotates K/V again and
 returns the fp32 dK/dV accumulators to their owners.
 
+Clustered attention has two forms over the mesh: `usp_global_clustered_attention` (what a
+compiled model runs by default, `SequenceParallel(ring_clustering="global")`; `conditional.py`,
+`global_clustered.py`): the clustering of the whole sequence equals one process's with the
+same seed and the centroids attend to local keys, merged by all-reduces (K/V never rotate);
+and `usp_clustered_attention` ("local"; `clustered.py`): each ring rank clusters its block.
+
 Implementations of the ring's blocks (``impl``): "reference" (plain torch, float64-capable,
 materialises each block), "cpu" (PyTorch's fused CPU attention with log-sum-exp; plain torch
 on other devices), "auto" = "cpu".
