@@ -367,7 +367,9 @@ def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int, step
 def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bits: int = 63,
                     seed: int = -1, clustering: str = "hamming", refine: int = 0,
                     metric: torch.Tensor | None = None, centre_mask: torch.Tensor | None = None,
-                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                    impl: str = "auto",
+                    draw_rows: tuple[int, torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the queries of every row, as clustered attention does.
 
     ``clustering="hamming"``: hash with ``bits`` random hyperplanes, then Hamming k-means;
@@ -381,8 +383,14 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     and the refinement measures ``(x - m)ᵀ M (x - m)``. None: the paper's method on the raw
     queries (``centre_mask`` is then unused).
 
-    Shapes: q (..., N, D), metric (..., D, D) or None, centre_mask (..., N) bool or None →
-    assignments (..., N) int64, counts (..., C) int64.
+    ``draw_rows=(total, rows)``: the rows (batch × heads, flattened) of ``q`` are rows ``rows``
+    of a batch of ``total`` rows, and take that batch's random choices (the hyperplanes are
+    shared; the k-means plan is per row): sequence parallelism clusters a rank's heads as one
+    process clusters them among all heads.
+
+    Shapes: q (..., N, D), metric (..., D, D) or None, centre_mask (..., N) bool or None,
+    rows (R,) int64 with R = the product of q's batch dims → assignments (..., N) int64,
+    counts (..., C) int64.
     """
     check_float("q", q, 2)
     check_clustering(clustering)
@@ -399,8 +407,16 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
     _clamp_warning(clusters, N, None)
     telemetry.record(f"cluster_queries.{clustering}", backend)
-    planes, plan = random_draws(x.shape[0], N, D, clusters, iterations=iterations, bits=bits,
+    total, rows = (x.shape[0], None) if draw_rows is None else draw_rows
+    planes, plan = random_draws(total, N, D, clusters, iterations=iterations, bits=bits,
                                 seed=seed, clustering=clustering, device=q.device)
+    if rows is not None:  # these rows of a larger batch (a rank's heads: sequence parallel)
+        rows = rows.to(q.device)
+        if rows.shape != (x.shape[0],):
+            raise ValueError(f"draw_rows names {tuple(rows.shape)} rows; the queries have "
+                             f"{x.shape[0]} rows (batch × heads)")
+        plan = (plan[0].index_select(0, rows), plan[1].index_select(1, rows),
+                plan[2].index_select(0, rows))
     if backend == "cpu":  # hash + k-means + Lloyd steps in one kernel call
         # the kernel takes the root itself when torch's LAPACK is at hand
         root = None if m is None or native.has_lapack() else _root_for(m, q)
@@ -450,9 +466,11 @@ def random_draws(rows: int, n: int, dim: int, clusters: int, *, iterations: int 
 
 
 def cluster_with(q: torch.Tensor, spec: ClusteringSpec, *, metric: torch.Tensor | None = None,
-                 centre_mask: torch.Tensor | None = None,
-                 impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 centre_mask: torch.Tensor | None = None, impl: str = "auto",
+                 draw_rows: tuple[int, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cluster_queries`` with the knobs of a ``ClusteringSpec``. Shapes: as there."""
     return cluster_queries(q, spec.clusters, iterations=spec.iterations, bits=spec.bits,
                            seed=spec.seed, clustering=spec.clustering, refine=spec.refine,
-                           metric=metric, centre_mask=centre_mask, impl=impl)
+                           metric=metric, centre_mask=centre_mask, impl=impl,
+                           draw_rows=draw_rows)

@@ -80,7 +80,8 @@ def sp_global_clustered_attention(
             return ring_metric(keys, H, keep, layout, groups, tag)
 
         found = global_clustered.forward(q, k, v, keep, scale, _clamped(spec, seq_len), layout,
-                                         groups, mod, tag, metric_of)
+                                         groups, mod, tag, metric_of,
+                                         "reference" if impl == "reference" else "auto")
         path = 0 if found is not None else 3
     telemetry.record("conditional_attention", "ring " + backend, site=site,
                      path=PATHS[path] + f" [ring {backend}, global clustering]")

@@ -59,7 +59,8 @@ def local_keep(keep: torch.Tensor | None, layout: SeqLayout, groups: comm.Groups
 
 
 def assign(q, k, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Groups, tag: str,
-           metric_of: MetricOf, centre: torch.Tensor | None = None) -> torch.Tensor:
+           metric_of: MetricOf, centre: torch.Tensor | None = None,
+           impl: str = "reference") -> torch.Tensor:
     """Assignments (B, h, Nb): this rank's part of one process's clustering of all queries
     (metric: the covariance of all valid keys; `centre` (B, Nb) or (B, h, Nb): the queries
     that count towards the hash's centre, None: all)."""
@@ -68,7 +69,7 @@ def assign(q, k, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Groups, t
         metric = metric_of(k)
     else:
         centre = None
-    return cluster_global(q, spec, metric, centre, layout, groups, tag)
+    return cluster_global(q, spec, metric, centre, layout, groups, tag, impl)
 
 
 def _slots(assignments: torch.Tensor, clusters: int) -> torch.Tensor:
@@ -130,7 +131,8 @@ def _guard(q, k, v, keep, clusters: int, layout: SeqLayout, groups: comm.Groups)
 
 
 def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout,
-            groups: comm.Groups, kernels, tag: str, metric_of: MetricOf):
+            groups: comm.Groups, kernels, tag: str, metric_of: MetricOf,
+            clustering_impl: str = "reference"):
     """(out, assignments, Q^c, O^c, lse, counts) with C + 1 centroid rows (the last one: the
     spare cluster of excluded queries, see `_guard`), or None when a kept key or value is not
     finite somewhere on the ring (one process then runs exact attention: so does the caller).
@@ -144,7 +146,8 @@ def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout
         centre = local_keep(keep, layout, groups)
         if bad is not None:
             centre = ~bad if centre is None else centre[:, None, :] & ~bad
-    assignments = assign(q_cluster, k, spec, layout, groups, tag, metric_of, centre)
+    assignments = assign(q_cluster, k, spec, layout, groups, tag, metric_of, centre,
+                         clustering_impl)
     if excluded is not None:
         assignments = assignments.masked_fill(excluded, C)
     sums = _cluster_sums(q_attend, assignments, C + 1, True, cd)

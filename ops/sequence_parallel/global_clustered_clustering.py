@@ -42,6 +42,7 @@ import torch
 from clusterfx.ops.clustering import (
     ClusteringSpec,
     HammingGemm,
+    cluster_with,
     metric_root,
     nearest_centroids,
     pack_signs,
@@ -209,10 +210,19 @@ def _refine(x: torch.Tensor, assign: torch.Tensor, C: int, steps: int,
 
 def cluster_global(q: torch.Tensor, spec: ClusteringSpec, metric: torch.Tensor | None,
                    centre: torch.Tensor | None, layout: SeqLayout, groups: comm.Groups,
-                   tag: str) -> torch.Tensor:
-    """This rank's assignments of the clustering of all S queries (module docstring)."""
+                   tag: str, impl: str = "reference") -> torch.Tensor:
+    """This rank's assignments of the clustering of all S queries (module docstring). With
+    r = 1 the whole sequence is here: `cluster_with` (``impl``: its fused kernels for "auto",
+    as one process runs them) with the random choices of all B·H rows."""
     B, h, Nb, D = q.shape
     rows = _Rows(q, layout, groups)
+    if centre is not None and centre.dim() == 2:
+        centre = centre[:, None, :]
+    if groups.ring == 1:
+        marked = None if centre is None else centre.expand(B, h, Nb)
+        assign, _ = cluster_with(q, spec, metric=metric, centre_mask=marked, impl=impl,
+                                 draw_rows=(B * rows.heads, rows.rows))
+        return assign
     planes, plan = random_draws(B * rows.heads, layout.seq_len, D, spec.clusters,
                                 iterations=spec.iterations, bits=spec.bits, seed=spec.seed,
                                 clustering=spec.clustering)
@@ -227,8 +237,6 @@ def cluster_global(q: torch.Tensor, spec: ClusteringSpec, metric: torch.Tensor |
         y = x if root is None else x @ root
         assign = _euclidean(y, plan, rows, groups, tag)
     else:
-        if centre is not None and centre.dim() == 2:
-            centre = centre[:, None, :]
         marked = None if centre is None else centre.expand(B, h, Nb).reshape(B * h, Nb)
         signs = _hash_signs(x, planes, root, marked, groups, tag)
         assign = _hamming(signs, plan, rows, groups, tag)
