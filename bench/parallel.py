@@ -2,7 +2,7 @@
 over several gloo processes on this machine with Ulysses, Ring and USP, dense and clustered.
 
     clusterfx bench parallel [--lengths 4096 8192 16384 32768] [--world 4] [--methods dense
-        clustered] [--heads 8] [--kv-heads 8] [--dim 64] [--clusters 100] [--steps 2]
+        clustered global] [--heads 8] [--kv-heads 8] [--dim 64] [--clusters 100] [--steps 2]
         [--causal] [--json PATH]
 
 Workload: q, k, v ~ N(0, 1) of shape (1, H, S, D) float32 from a seeded generator, attention
@@ -10,7 +10,10 @@ forward and `out.backward(g)`. "one process": the whole sequence in this process
 core (dense: `F.scaled_dot_product_attention`; clustered: `ops.clustered.clustered_attention`,
 C clusters, seed 0). Sequence-parallel: `world` fresh processes (gloo on 127.0.0.1, each with
 cores/world threads) hold S/world tokens each and run `ops.sequence_parallel.usp_attention` /
-`usp_clustered_attention` for ulysses = (world, 1), ring = (1, world) and usp = (2, world/2);
+`usp_clustered_attention` ("clustered": each ring rank clusters its own block, K/V rotate) /
+`usp_global_clustered_attention` ("global": one process's clustering of the whole sequence,
+centroids attend local K/V, log-sum-exp merged by all-reduces; the default of a compiled
+model) for ulysses = (world, 1), ring = (1, world) and usp = (2, world/2);
 a step is timed from a barrier to a barrier (the slowest rank), the median of `--steps` after
 one warm-up. Bytes per layer: what one rank sent per step (fwd + bwd), counted by the
 collectives themselves, next to the reference formulas (they must agree).
@@ -40,7 +43,7 @@ import torch
 
 from clusterfx.apps.common import machine_load
 
-METHODS = ("dense", "clustered")
+METHODS = ("dense", "clustered", "global")
 NVLINK, PCIE, FA3 = 450e9, 64e9, 740e12
 
 
@@ -109,7 +112,7 @@ def single_process(S: int, method: str, a) -> float:
         if method == "dense":
             out = F.scaled_dot_product_attention(*leaves, is_causal=a["causal"],
                                                  enable_gqa=k.shape[1] != q.shape[1])
-        else:
+        else:  # clustered and global: one process's clustered attention
             out = clustered_attention(*leaves, clusters=a["clusters"], seed=0)
         out.backward(g)
     return _time(step, a["steps"])
@@ -147,6 +150,9 @@ def worker(rank: int, world: int, port: int, a: dict, out: str) -> None:
                     if method == "dense":
                         o = sp.usp_attention(*leaves, layout, groups, causal=a["causal"],
                                              tag=tag)
+                    elif method == "global":
+                        o, _ = sp.usp_global_clustered_attention(
+                            *leaves, layout, groups, clusters=a["clusters"], seed=0, tag=tag)
                     else:
                         o, _ = sp.usp_clustered_attention(*leaves, layout, groups,
                                                           clusters=a["clusters"], seed=0,
@@ -167,12 +173,29 @@ def formula_bytes(S: int, u: int, r: int, a, itemsize: int = 4, cd: int = 4,
     hkv = max(a["kv_heads"], u)
     P = u * r
     total = 2 * (u - 1) * S * D * (2 * H + 2 * hkv) * itemsize / (u * P) if u > 1 else 0.0
+    if r > 1 and method == "global":
+        return total + global_bytes(S, u, r, a)
     if r > 1:
         x = S * hkv * D / u
         total += 2 * 2 * (r - 1) / r * x * itemsize + 2 * x * cd
         if method == "clustered":  # the metric's key statistics, all-reduced over the ring
             total += 2 * (r - 1) / r * (hkv // u) * (1 + D + D * D) * 8
     return total
+
+
+def global_bytes(S: int, u: int, r: int, a, iterations: int = 5, bits: int = 63,
+                 refine: int = 1) -> int:
+    """Per-rank bytes per layer of global clustered attention's all-reduces over the ring
+    (B = 1, float32, Hamming in the attention metric; `passes/sequence_parallel_global.py`
+    lists them): key statistics, hash centre, seeds (+ checksum), k-means rounds, refine,
+    centroids (+ spare cluster, flag), lse max, merged outputs; backward dO^c, dQ^c."""
+    D, h, hk = a["dim"], a["heads"] // u, max(a["kv_heads"], u) // u
+    C = min(a["clusters"], S)
+    fwd = [hk * (1 + D + D * D) * 8, h * (D + 1) * 4, (iterations * h * C + 1) * 8]
+    fwd += [h * C * (bits + 1) * 4] * (iterations - 1) + [h * C * (D + 1) * 4] * refine
+    fwd += [(h * (C + 1) * (D + 1) + 1) * 4, h * (C + 1) * 4, h * (C + 1) * (D + 1) * 4]
+    bwd = [h * (C + 1) * D * 4] * 2
+    return sum(2 * (r - 1) * n // r for n in fwd + bwd)
 
 
 def _launch(args, a: dict) -> list[dict]:
@@ -215,7 +238,12 @@ def run(args: argparse.Namespace) -> int:
           f"(it declines causality) C={args.clusters}; "
           f"one process: {threads} threads; SP: {args.world} gloo processes x "
           f"{max(1, threads // args.world)} thread(s); {machine_load()}")
-    single = {(S, m): single_process(S, m, a) for S in args.lengths for m in args.methods}
+    single: dict[tuple[int, str], float] = {}
+    for S in args.lengths:
+        for m in args.methods:  # "global" and "clustered" are one process's clustered attention
+            same = (S, "clustered" if m == "global" else "global")
+            single[(S, m)] = single[same] if same in single and m != "dense" else \
+                single_process(S, m, a)
     rows = _launch(args, a)
     print(f"\n{'S':>6} {'method':>9} {'one process':>12} " + " ".join(
         f"{name + ' (' + 'x'.join(map(str, ur)) + ')':>24}"

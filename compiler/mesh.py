@@ -124,7 +124,7 @@ def resolve(mesh: Any) -> ResolvedMesh | None:
     ranks = _sequence_ranks(device_mesh, dist, u, r)
     return ResolvedMesh(u, r, groups["ulysses"], groups["ring"], spec.load_balance,
                         spec.gather_output, spec.sequence_inputs, spec.timeout, spec.impl,
-                        ranks, dist.get_world_size())
+                        ranks, dist.get_world_size(), spec.ring_clustering)
 
 
 def _sequence_ranks(device_mesh: Any, dist, u: int, r: int) -> tuple[int, ...]:

@@ -48,7 +48,7 @@ class Row:
         if record is None or not record.collectives or not self.traffic:
             return None
         first = record.collectives[0]
-        key = "all_to_all" if first.name == "all_to_all" else "k,v"
+        key = first.name.removeprefix("ring ")  # "all_to_all", "k,v", "all_reduce"
         calls = self.traffic.get(f"{key}.fwd.calls", 0)
         if not calls:
             return None

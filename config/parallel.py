@@ -12,6 +12,19 @@ key.
 input with exactly one dim of the attention's sequence length is sharded along it.
 `timeout`: seconds any collective may take before every rank ends with an error.
 `impl`: the ring blocks' implementation ("auto", "cpu", "reference").
+`ring_clustering`: how clustered attention (`Clustered` policies) is spread over the mesh:
+
+- "global" (the default): the queries of the whole sequence (all S positions, all H heads)
+  are clustered exactly as one process clusters them with the same seed — every rank draws
+  the hyperplanes and k-means choices of the whole sequence and keeps its part, and each Lloyd
+  round all-reduces per-cluster votes (or sums) and counts over the ring; the C centroids,
+  identical on every ring rank, attend to each rank's *local* keys and the ring merges them by
+  log-sum-exp with all-reduces. K/V never rotate: a layer sends O(C·(D + Dv)) numbers per head
+  (plus O(iterations·C·bits) for the clustering) instead of (r-1) hops of the whole K and V,
+  and the result equals single-process clustered attention. Hence the default.
+- "local": each ring rank clusters only its own block's queries (r·C clusters in all) and the
+  centroids attend to all keys by ring attention (K/V rotate); equal to one process only given
+  the same assignments. Kept for comparison and for runs recorded with it.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from typing import Any
 
 LOAD_BALANCES = ("zigzag", "none")
 IMPLS = ("auto", "cpu", "reference")
+RING_CLUSTERINGS = ("global", "local")
 
 
 def _inputs(value: Any) -> tuple[tuple[str, int], ...] | None:
@@ -56,6 +70,7 @@ class SequenceParallel:
     sequence_inputs: Any = None  # {name: dim}; stored as a sorted tuple of (name, dim)
     timeout: float = 300.0
     impl: str = "auto"
+    ring_clustering: str = "global"
 
     def __post_init__(self) -> None:
         _degree("ulysses", self.ulysses)
@@ -75,6 +90,9 @@ class SequenceParallel:
         object.__setattr__(self, "timeout", float(self.timeout))
         if self.impl not in IMPLS:
             raise ValueError(f"SequenceParallel: impl ({self.impl!r}) must be one of {IMPLS}")
+        if self.ring_clustering not in RING_CLUSTERINGS:
+            raise ValueError(f"SequenceParallel: ring_clustering ({self.ring_clustering!r}) "
+                             f"must be one of {RING_CLUSTERINGS}")
 
     @property
     def sequence_degree(self) -> int:
@@ -113,6 +131,7 @@ class ResolvedMesh:
     impl: str = "auto"
     ranks: tuple[int, ...] = ()
     world_size: int = 1
+    ring_clustering: str = "global"
 
     @property
     def sequence_degree(self) -> int:
@@ -124,7 +143,7 @@ class ResolvedMesh:
 
     def describe(self) -> str:
         return (f"ulysses={self.ulysses} x ring={self.ring} over ranks {list(self.ranks)} "
-                f"(load_balance={self.load_balance})")
+                f"(load_balance={self.load_balance}, ring_clustering={self.ring_clustering})")
 
 
-__all__ = ["IMPLS", "LOAD_BALANCES", "ResolvedMesh", "SequenceParallel"]
+__all__ = ["IMPLS", "LOAD_BALANCES", "RING_CLUSTERINGS", "ResolvedMesh", "SequenceParallel"]

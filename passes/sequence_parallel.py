@@ -90,6 +90,7 @@ class SequenceParallelPass(GraphPass):
         return [__name__, "clusterfx.passes.sequence_parallel_plan",
                 "clusterfx.passes.sequence_parallel_sites",
                 "clusterfx.passes.sequence_parallel_clustered",
+                "clusterfx.passes.sequence_parallel_global",
                 "clusterfx.passes.analysis.sequence_shards"]
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> SequenceParallelResult:

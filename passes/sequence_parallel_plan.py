@@ -58,6 +58,7 @@ class SequenceParallelRecord:
     kv_replication: int = 1
     # causal over a ring: unmasked (query, key) pairs per head each ring rank computes
     ring_work: list[int] = field(default_factory=list)
+    detail: str = ""  # what the site's op runs there (e.g. global or local clustering)
 
     @property
     def imbalance(self) -> float:
@@ -76,11 +77,13 @@ class SequenceParallelRecord:
             work = (f", causal work per ring rank {self.ring_work} ("
                     + ("balanced" if self.imbalance == 1.0 else
                        f"imbalance {self.imbalance:.2f}x: use load_balance='zigzag'") + ")")
-        return (f"{self.mode}{rep}: {_human(self.bytes_per_step('fwd'))}B fwd + "
+        detail = f" [{self.detail}]" if self.detail else ""
+        return (f"{self.mode}{rep}{detail}: {_human(self.bytes_per_step('fwd'))}B fwd + "
                 f"{_human(self.bytes_per_step('bwd'))}B bwd per step{work}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "reason": self.reason, "kv_replication": self.kv_replication,
+        return {"mode": self.mode, "reason": self.reason, "detail": self.detail,
+                "kv_replication": self.kv_replication,
                 "ring_work": self.ring_work,
                 "collectives": [c.__dict__ for c in self.collectives],
                 "bytes_fwd": self.bytes_per_step("fwd"), "bytes_bwd": self.bytes_per_step("bwd")}
@@ -301,10 +304,15 @@ def _rewrite(rw, node: fx.Node, op: AttentionOp, q, k, v, mask):
             v = b.call("repeat_interleave", (v, rep, 1), like=gval(v), method=True)
         if u > 1:
             q, k, v = (b.all_to_all(x, True, gval(x)) for x in (q, k, v))
+        result = None
         if r > 1:
             result = op.ring(b, node, q, k, v, full_mask)
+        elif u > 1:
+            result = op.ulysses(b, node, q, k, v, full_mask)
+        replaced = result is not None
+        if replaced:
             result.meta["sp_global"] = out_global
-    if r == 1:
+    if not replaced:
         op.set_operands(node, q, k, v, full_mask)
         result = node
         if op.tuple_output:
@@ -320,16 +328,21 @@ def _rewrite(rw, node: fx.Node, op: AttentionOp, q, k, v, mask):
         else:
             old.replace_all_uses_with(final)
             rw.dead.add(old)
-    if r > 1:
+    if replaced:
         rw.dead.add(node)
         rw.dead.update(node.users)
     mode = "usp" if u > 1 and r > 1 else "ulysses" if u > 1 else "ring"
     item, cd = itemsizes(dtype)
-    planned = volumes(qs, ks, vs, rep, u, r, rw.layout.local_len, rw.seq_len, item, cd)
-    if r > 1:
+    own = result.meta.get("sp_collectives") if replaced else None  # replaces the K/V ring
+    planned = volumes(qs, ks, vs, rep, u, r if own is None else 1, rw.layout.local_len,
+                      rw.seq_len, item, cd)
+    if own is not None:
+        planned += [Collective(*c) for c in own]
+    elif r > 1:
         planned += [Collective(*c) for c in op.ring_volumes(
             node, qs[0], ks[1] * rep // u, qs[3], r, rw.seq_len)]
-    record = SequenceParallelRecord(mode, "", planned, b.tag, rep)
+    record = SequenceParallelRecord(mode, "", planned, b.tag, rep,
+                                    detail=result.meta.get("sp_detail", "") if replaced else "")
     if r > 1 and op.causal(node):
         record.ring_work = [rw.layout.causal_pairs(i) for i in range(r)]
     return record, final, Shard(2)

@@ -30,10 +30,10 @@ from clusterfx.ops.attention import dense_attention
 from clusterfx.passes.analysis.graph_utils import SDPA
 from clusterfx.passes.analysis.sequence_shards import Unsupported
 from clusterfx.passes.sequence_parallel_clustered import (
-    conditional_ring,
     conditional_ring_check,
     conditional_ring_volumes,
 )
+from clusterfx.passes.sequence_parallel_global import global_ring, global_ulysses
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ class AttentionOp:
     of the mask; `causal(node)`; `ring(builder, node, q, k, v, mask) -> out node` or None
     (then `no_ring` says why); `ring_check(node)` raises Unsupported for arguments its ring
     cannot take (before anything is emitted); `tuple_output`: the op returns a tuple whose
-    item 0 is the attention output."""
+    item 0 is the attention output. A ring (or Ulysses) version may put in its output node's
+meta "sp_collectives" (its whole list of ring collectives, replacing the K/V rotation) and
+"sp_detail" (what the report says it runs)."""
 
     mask: tuple[int | None, str | None]
     causal: Callable[[fx.Node], bool]
@@ -53,6 +55,9 @@ class AttentionOp:
     # (node, B, kv heads per rank, D, r, S) -> [(collective, group, phase, count, bytes)]
     # that the ring version sends besides K/V and their gradients
     ring_volumes: Callable[..., list] = field(default=lambda node, *dims: [])
+    # under Ulysses alone (r = 1): `ulysses(builder, node, q, k, v, mask) -> out node` replaces
+    # the op after the all-to-all, or returns None (the op runs as it is on H/u heads)
+    ulysses: Callable[..., fx.Node | None] = field(default=lambda b, node, *operands: None)
 
     def operands(self, node: fx.Node) -> tuple[Any, Any, Any, Any]:
         q, k, v = node.args[:3]
@@ -126,9 +131,9 @@ register_site_op(torch.ops.clusterfx.topk_attention.default, AttentionOp(
     no_ring="TopK over a ring would need a running top-k across the rotating key blocks, "
             "which this build does not have (use ulysses alone for TopK)"))
 register_site_op(torch.ops.clusterfx.conditional_attention.default, AttentionOp(
-    mask=(3, None), causal=lambda n: False, ring=conditional_ring,
+    mask=(3, None), causal=lambda n: False, ring=global_ring,
     ring_check=conditional_ring_check, tuple_output=True,
-    ring_volumes=conditional_ring_volumes))
+    ring_volumes=conditional_ring_volumes, ulysses=global_ulysses))
 # causal_conditional_attention(q, k, v, mask, scale, method, *spec (7), topk, block,
 #                              is_causal, causal_queries, min_length, impl, site)
 register_site_op(torch.ops.clusterfx.causal_conditional_attention.default, AttentionOp(

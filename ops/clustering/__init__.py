@@ -53,11 +53,19 @@ from clusterfx.ops.common.checks import (
 from clusterfx.ops.common.dispatch import resolve_impl as _resolve
 from clusterfx.ops.common.telemetry import counters
 
+# the exact ±1 GEMMs of Hamming k-means and the blocked nearest-centroid search, for k-means
+# that runs split over processes (ops/sequence_parallel's global clustering)
+HammingGemm = cpu._HammingGemm
+nearest_centroids = cpu.nearest_centroids
+pack_signs = cpu.pack_signs
+unpack_signs = cpu.unpack_signs
+
 NATIVE_LIBRARY = fused.LIB  # the fused kernels (ops/build.py builds them)
 
-__all__ = ["METRIC_KEYS", "NATIVE_LIBRARY", "ClusteringSpec", "attention_metric",
+__all__ = ["METRIC_KEYS", "NATIVE_LIBRARY", "ClusteringSpec", "HammingGemm", "attention_metric",
            "cluster_queries", "cluster_with", "counters", "euclidean_kmeans", "hamming_kmeans",
-           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "popcount"]
+           "lloyd_refine", "lsh_hash", "make_planes", "metric_root", "nearest_centroids",
+           "pack_signs", "popcount", "random_draws", "unpack_signs"]
 
 METRIC_KEYS = 4096  # keys per row that attention_metric's covariance reads, at most
 IMPLS = NATIVE_IMPLS
@@ -359,7 +367,9 @@ def lloyd_refine(x: torch.Tensor, assignments: torch.Tensor, clusters: int, step
 def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bits: int = 63,
                     seed: int = -1, clustering: str = "hamming", refine: int = 0,
                     metric: torch.Tensor | None = None, centre_mask: torch.Tensor | None = None,
-                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                    impl: str = "auto",
+                    draw_rows: tuple[int, torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the queries of every row, as clustered attention does.
 
     ``clustering="hamming"``: hash with ``bits`` random hyperplanes, then Hamming k-means;
@@ -373,8 +383,14 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     and the refinement measures ``(x - m)ᵀ M (x - m)``. None: the paper's method on the raw
     queries (``centre_mask`` is then unused).
 
-    Shapes: q (..., N, D), metric (..., D, D) or None, centre_mask (..., N) bool or None →
-    assignments (..., N) int64, counts (..., C) int64.
+    ``draw_rows=(total, rows)``: the rows (batch × heads, flattened) of ``q`` are rows ``rows``
+    of a batch of ``total`` rows, and take that batch's random choices (the hyperplanes are
+    shared; the k-means plan is per row): sequence parallelism clusters a rank's heads as one
+    process clusters them among all heads.
+
+    Shapes: q (..., N, D), metric (..., D, D) or None, centre_mask (..., N) bool or None,
+    rows (R,) int64 with R = the product of q's batch dims → assignments (..., N) int64,
+    counts (..., C) int64.
     """
     check_float("q", q, 2)
     check_clustering(clustering)
@@ -391,10 +407,17 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=q.device)
     _clamp_warning(clusters, N, None)
     telemetry.record(f"cluster_queries.{clustering}", backend)
-    gen = _generator(seed)
+    total, rows = (x.shape[0], None) if draw_rows is None else draw_rows
+    planes, plan = random_draws(total, N, D, clusters, iterations=iterations, bits=bits,
+                                seed=seed, clustering=clustering, device=q.device)
+    if rows is not None:  # these rows of a larger batch (a rank's heads: sequence parallel)
+        rows = rows.to(q.device)
+        if rows.shape != (x.shape[0],):
+            raise ValueError(f"draw_rows names {tuple(rows.shape)} rows; the queries have "
+                             f"{x.shape[0]} rows (batch × heads)")
+        plan = (plan[0].index_select(0, rows), plan[1].index_select(1, rows),
+                plan[2].index_select(0, rows))
     if backend == "cpu":  # hash + k-means + Lloyd steps in one kernel call
-        planes = _draw_planes(bits, D, gen) if clustering == "hamming" else None
-        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         # the kernel takes the root itself when torch's LAPACK is at hand
         root = None if m is None or native.has_lapack() else _root_for(m, q)
         a, c = fused.cluster_queries(x, clustering, bits, planes, plan, refine, metric=m,
@@ -402,12 +425,9 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
         return a.view(*batch, N), c.view(*batch, clusters)
     root = None if m is None else _root_for(m, q)
     if clustering == "kmeans":
-        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         y = x if root is None else x.to(root.dtype) @ root
         a, c = (reference if backend == "reference" else cpu).euclidean_kmeans(y, *plan, valid)
     else:
-        planes = _draw_planes(bits, D, gen)
-        plan = _kmeans_plan(valid, True, clusters, iterations, gen)
         if backend == "reference":
             a, c = reference.hamming_kmeans(reference.lsh_hash(x, planes, root, centre), *plan,
                                             valid, bits)
@@ -427,10 +447,30 @@ def cluster_queries(q: torch.Tensor, clusters: int, *, iterations: int = 10, bit
     return a.view(*batch, N), c.view(*batch, clusters)
 
 
+def random_draws(rows: int, n: int, dim: int, clusters: int, *, iterations: int = 10,
+                 bits: int = 63, seed: int = -1, clustering: str = "hamming",
+                 device: torch.device | str | None = None):
+    """Every random choice ``cluster_queries`` makes for ``rows`` rows of ``n`` queries of dim
+    ``dim``, in the order it draws them from one generator seeded with ``seed``: the
+    hyperplanes (``clustering="hamming"`` only; None for "kmeans"), then the k-means plan
+    (``_kmeans_plan`` with every query valid). Sequence parallelism draws the same for the
+    whole sequence on every rank, so that its distributed clustering equals one process.
+
+    Shapes: → planes (bits, dim + 1) float64 or None, (init_idx (rows, C), reseed_idx
+    (iterations - 1, rows, C), active (rows, C)), positions in [0, n).
+    """
+    gen = _generator(seed)
+    planes = _draw_planes(bits, dim, gen) if clustering == "hamming" else None
+    valid = torch.ones(rows, n, dtype=torch.bool, device=device)
+    return planes, _kmeans_plan(valid, True, clusters, iterations, gen)
+
+
 def cluster_with(q: torch.Tensor, spec: ClusteringSpec, *, metric: torch.Tensor | None = None,
-                 centre_mask: torch.Tensor | None = None,
-                 impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 centre_mask: torch.Tensor | None = None, impl: str = "auto",
+                 draw_rows: tuple[int, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cluster_queries`` with the knobs of a ``ClusteringSpec``. Shapes: as there."""
     return cluster_queries(q, spec.clusters, iterations=spec.iterations, bits=spec.bits,
                            seed=spec.seed, clustering=spec.clustering, refine=spec.refine,
-                           metric=metric, centre_mask=centre_mask, impl=impl)
+                           metric=metric, centre_mask=centre_mask, impl=impl,
+                           draw_rows=draw_rows)

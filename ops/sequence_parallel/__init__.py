@@ -20,6 +20,12 @@ graphs keep them (no graph break); each is bounded by the groups' timeout
 Backward is exact: the ring backward uses the global out and lse, rotates K/V again and
 returns the fp32 dK/dV accumulators to their owners.
 
+Clustered attention has two forms over the mesh: `usp_global_clustered_attention` (what a
+compiled model runs by default, `SequenceParallel(ring_clustering="global")`; `conditional.py`,
+`global_clustered.py`): the clustering of the whole sequence equals one process's with the
+same seed and the centroids attend to local keys, merged by all-reduces (K/V never rotate);
+and `usp_clustered_attention` ("local"; `clustered.py`): each ring rank clusters its block.
+
 Implementations of the ring's blocks (``impl``): "reference" (plain torch, float64-capable,
 materialises each block), "cpu" (PyTorch's fused CPU attention with log-sum-exp; plain torch
 on other devices), "auto" = "cpu".
@@ -32,7 +38,10 @@ from __future__ import annotations
 
 import torch
 
-from clusterfx.ops.sequence_parallel import registration  # noqa: F401 - registers the ops
+from clusterfx.ops.sequence_parallel import (
+    conditional,  # noqa: F401 - global clustered attention's ops
+    registration,  # noqa: F401 - registers the ops
+)
 from clusterfx.ops.sequence_parallel.clustered import ring_metric
 from clusterfx.ops.sequence_parallel.common.comm import Groups, SequenceParallelTimeout, traffic
 from clusterfx.ops.sequence_parallel.common.layout import (
@@ -45,7 +54,8 @@ from clusterfx.ops.sequence_parallel.registration import IMPLS, grad_sync
 __all__ = ["IMPLS", "LOAD_BALANCES", "Groups", "SeqLayout", "SequenceParallelTimeout",
            "check_heads", "check_load_balance", "gather", "grad_sync", "heads_to_seq",
            "kv_replication", "local_positions", "ring_attention", "ring_metric",
-           "seq_to_heads", "take_local", "traffic", "usp_attention", "usp_clustered_attention"]
+           "seq_to_heads", "take_local", "traffic", "usp_attention", "usp_clustered_attention",
+           "usp_global_clustered_attention"]
 
 _ops = torch.ops.clusterfx
 
@@ -151,6 +161,34 @@ def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clust
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     out, assignments, _, _ = _ops.sp_ring_conditional_attention(
+        q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine, metric, 0,
+        *mesh_args(layout, groups), impl, tag, "")
+    return (heads_to_seq(out, layout, groups, tag) if u > 1 else out), assignments
+
+
+def usp_global_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *,
+                                   clusters: int, key_padding_mask=None,
+                                   scale: float | None = None, iterations: int = 5,
+                                   bits: int = 63, seed: int = -1, clustering: str = "hamming",
+                                   refine: int = 1, metric: str = "attention",
+                                   impl: str = "auto", tag: str = ""):
+    """Clustered attention on local tokens over the whole mesh, equal to one process's
+    `clustered_attention` on the gathered sequence with the same seed (`global_clustered.py`:
+    the queries of all S positions and H heads clustered as one process does, the centroids
+    attending to each rank's local keys, merged by log-sum-exp over the ring; K/V never
+    rotate). `key_padding_mask` (B, S) over token positions (True = keep). Shapes: q (B, H, L,
+    D), k, v (B, Hk, L, ·) → (out (B, H, L, Dv), assignments (B, H/u, S/r) of this rank's
+    heads and ring block, in [0, min(clusters, S)))."""
+    u = groups.ulysses
+    check_heads(q.shape[1], k.shape[1], u)
+    rep = kv_replication(k.shape[1], u)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if u > 1:
+        q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    out, assignments, *_ = _ops.sp_global_clustered_attention(
         q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine, metric, 0,
         *mesh_args(layout, groups), impl, tag, "")
     return (heads_to_seq(out, layout, groups, tag) if u > 1 else out), assignments

@@ -34,6 +34,10 @@ def test_formulas_per_layer():
     extra = 2 * 3 / 4 * H * (1 + D + D * D) * 8
     assert formula_bytes(S, 1, 4, ARGS, method="clustered") == pytest.approx(
         formula_bytes(S, 1, 4, ARGS) + extra)
+    # global clustering: all-reduces of O(C·(D + bits)) per head instead of rotating K/V
+    glob = formula_bytes(S, 1, 4, {**ARGS, "clusters": 100}, method="global")
+    assert 0 < glob < formula_bytes(S, 1, 4, ARGS) / 10
+    assert formula_bytes(S, 4, 1, ARGS, method="global") == formula_bytes(S, 4, 1, ARGS)
 
 
 @pytest.mark.distributed

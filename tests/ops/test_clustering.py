@@ -484,3 +484,25 @@ def test_fused_low_precision_clusters_like_the_torch_path(dtype):
         got = cl.cluster_queries(q, 6, impl="cpu", **kw)
         want = cl.cluster_queries(q, 6, impl="torch", **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu", "torch"])
+@pytest.mark.parametrize("clustering", ["hamming", "kmeans"])
+def test_draw_rows_cluster_some_heads_as_among_all(impl, clustering):
+    """``draw_rows``: heads 2..3 of 4 clustered alone get the assignments they get among all
+    heads (what a Ulysses rank needs to equal one process)."""
+    from clusterfx.ops.clustering import ClusteringSpec, attention_metric, cluster_with
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 24, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    spec = ClusteringSpec(3, seed=4, clustering=clustering, refine=1)
+    metric = attention_metric(k)
+    whole, _ = cluster_with(q, spec, metric=metric, impl=impl)
+    rows = (torch.arange(2)[:, None] * 4 + torch.arange(2, 4)).reshape(-1)
+    part, _ = cluster_with(q[:, 2:4], spec, metric=metric[:, 2:4], impl=impl,
+                           draw_rows=(8, rows))
+    assert torch.equal(part, whole[:, 2:4])
+    alone, _ = cluster_with(q[:, 2:4], spec, metric=metric[:, 2:4], impl=impl)
+    assert not torch.equal(alone, whole[:, 2:4])  # without it: other random choices
+    with pytest.raises(ValueError, match=r"draw_rows names \(3,\) rows; the queries have 4"):
+        cluster_with(q[:, 2:4], spec, impl=impl, draw_rows=(8, rows[:3]))

@@ -187,11 +187,19 @@ def test_causal_clustered_composes_with_ulysses_and_declines_a_ring_with_the_rea
     assert all(a.target is ops.sp_gather.default for a in op.args[:3])
 
 
-def test_clustered_runs_locally_after_the_all_to_all():
+@pytest.mark.parametrize("clustering", ["global", "local"])
+def test_clustered_runs_locally_after_the_all_to_all(clustering):
+    """Ulysses alone: the op after the all-to-all is the global one (which draws the
+    clustering's random numbers for all H heads, as one process), or with
+    ring_clustering="local" the plain op on H/u heads."""
     model, inputs = (lambda m: (m, example_inputs("bert", model=m, seq_len=32)))(
         bert_tiny(dropout=0.0, depth=1).eval())
-    gm, sites, _ = sp_graph(model, inputs, ulysses=2, policy=cfx.Clustered(clusters=4))
-    op = next(n for n in gm.graph.nodes if n.target is ops.conditional_attention.default)
+    gm, sites, _ = sp_graph(model, inputs, ulysses=2, policy=cfx.Clustered(clusters=4),
+                            ring_clustering=clustering)
+    target = (ops.sp_global_clustered_attention if clustering == "global"
+              else ops.conditional_attention).default
+    assert count_targets(gm, ops.conditional_attention.default) == (clustering == "local")
+    op = next(n for n in gm.graph.nodes if n.target is target)
     assert all(a.target is ops.sp_all_to_all.default for a in op.args[:3])
     assert op.args[3].target is ops.sp_gather.default
     (user,) = [u for u in op.users if u.target is operator.getitem]

@@ -142,10 +142,11 @@ def all_gather(x: torch.Tensor, pg, size: int, timeout: float, tag: str,
 
 
 def all_reduce(x: torch.Tensor, pg, size: int, timeout: float, tag: str,
-               phase: str) -> torch.Tensor:
-    """Sum over the group (a new tensor)."""
+               phase: str, op: str = "sum") -> torch.Tensor:
+    """Sum (``op="sum"``) or maximum (``op="max"``) over the group (a new tensor)."""
     out = x.contiguous().clone()
-    work = dist.all_reduce(out, group=pg, async_op=True)
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    work = dist.all_reduce(out, op=reduce_op, group=pg, async_op=True)
     _wait(work, "all_reduce", tag, pg, timeout)
     count(tag, "all_reduce", phase, 2 * _bytes(x) * (size - 1) // size)
     return out
