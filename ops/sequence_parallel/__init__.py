@@ -135,12 +135,15 @@ def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clust
                             key_padding_mask=None, scale: float | None = None,
                             iterations: int = 5, bits: int = 63, seed: int = -1,
                             clustering: str = "hamming", refine: int = 1,
-                            metric: str = "attention", impl: str = "auto", tag: str = ""):
+                            metric: str = "attention", topk: int | None = None,
+                            impl: str = "auto", tag: str = ""):
     """Clustered attention on local tokens over the whole mesh: all-to-all, then each ring
     rank clusters its ring block's queries and the centroids attend to all keys by ring
-    attention (`clustered.py`), all-to-all back. `key_padding_mask` (B, S) over token
-    positions (True = keep). Shapes: q (B, H, L, D), k, v (B, Hk, L, ·) →
-    (out (B, H, L, Dv), assignments (B, H/u, S/r) of this rank's heads and ring block)."""
+    attention (`clustered.py`), all-to-all back. With `topk`: improved clustered attention,
+    each cluster's top-k keys (over all S) attended exactly per query (`improved.py`).
+    `key_padding_mask` (B, S) over token positions (True = keep). Shapes: q (B, H, L, D),
+    k, v (B, Hk, L, ·) → (out (B, H, L, Dv), assignments (B, H/u, S/r) of this rank's heads
+    and ring block)."""
     u = groups.ulysses
     check_heads(q.shape[1], k.shape[1], u)
     rep = kv_replication(k.shape[1], u)
@@ -150,9 +153,14 @@ def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clust
         q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out, assignments, _, _ = _ops.sp_ring_conditional_attention(
-        q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine, metric, 0,
-        *mesh_args(layout, groups), impl, tag, "")
+    spec = (clusters, iterations, bits, seed, clustering, refine, metric)
+    if topk is None:
+        out, assignments, _, _ = _ops.sp_ring_conditional_attention(
+            q, k, v, mask, scale, *spec, 0, *mesh_args(layout, groups), impl, tag, "")
+    else:
+        out, assignments = _ops.sp_ring_improved_clustered_attention(
+            q, k, v, mask, scale, *spec, topk, 0, *mesh_args(layout, groups), impl, tag,
+            "")[:2]
     return (heads_to_seq(out, layout, groups, tag) if u > 1 else out), assignments
 
 

@@ -70,7 +70,7 @@ def centroids(q: torch.Tensor, assignments: torch.Tensor, clusters: int):
     return qc.view(B, H, clusters, D), counts.view(B, H, clusters)
 
 
-def _broadcast(xc: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
+def broadcast(xc: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
     """Each query's cluster row: xc (B, H, C, E), assignments (B, H, N) → (B, H, N, E)."""
     return torch.gather(xc, 2, assignments[..., None].expand(*assignments.shape, xc.shape[-1]))
 
@@ -96,7 +96,7 @@ def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout
     mask = None if keep is None else keep[:, None, None, :]
     oc, lse = ring_forward(qc.to(q.dtype), k, v, mask, False, scale, layout, groups, kernels,
                            tag)
-    return _broadcast(oc, assignments), assignments, oc, lse
+    return broadcast(oc, assignments), assignments, oc, lse
 
 
 def backward(dout, q, k, v, keep, assignments, oc, lse, scale: float, clusters: int,
@@ -111,5 +111,5 @@ def backward(dout, q, k, v, keep, assignments, oc, lse, scale: float, clusters: 
     mask = None if keep is None else keep[:, None, None, :]
     dqc, dk, dv = ring_backward(doc.to(q.dtype), qc.to(q.dtype), k, v, oc, lse, mask, False,
                                 scale, layout, groups, kernels, tag)
-    dq = _broadcast(dqc.to(cd) / counts.clamp_min(1)[..., None], assignments)
+    dq = broadcast(dqc.to(cd) / counts.clamp_min(1)[..., None], assignments)
     return dq.to(q.dtype), dk, dv

@@ -30,6 +30,7 @@ from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.checks import compute_dtype
 from clusterfx.ops.common.dispatch import resolve_impl
 from clusterfx.ops.sequence_parallel import clustered as ring_clustered
+from clusterfx.ops.sequence_parallel import improved as ring_improved
 from clusterfx.ops.sequence_parallel.common import ring as ring_mod
 from clusterfx.ops.sequence_parallel.common import sharding
 from clusterfx.ops.sequence_parallel.common.comm import Groups
@@ -245,6 +246,15 @@ CONDITIONAL_PATHS = ("approximate", "exact: shorter than min_length",
                      "exact: mask is not key padding")
 
 
+def _conditional_path(mask, batch: int, seq_len: int, min_length: int):
+    """(path index into CONDITIONAL_PATHS, keep (B, S) or None), as `conditional_attention`
+    decides: exact below `min_length` keys or for a mask that is not key padding."""
+    if seq_len < min_length:
+        return 1, None
+    ok, keep = key_padding(mask, batch, seq_len)
+    return (0, keep) if ok else (2, None)
+
+
 @torch.library.custom_op("clusterfx::sp_ring_conditional_attention", mutates_args=())
 def sp_ring_conditional_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, clusters: int,
@@ -260,10 +270,7 @@ def sp_ring_conditional_attention(
     mod, backend = kernels(impl, q.device)
     B, H, N, _ = q.shape
     spec = ClusteringSpec(clusters, iterations, bits, seed, clustering, refine, metric)
-    path, keep = 1, None
-    if seq_len >= min_length:
-        ok, keep = key_padding(mask, B, seq_len)
-        path = 0 if ok else 2
+    path, keep = _conditional_path(mask, B, seq_len, min_length)
     telemetry.record("conditional_attention", "ring " + backend, site=site,
                      path=CONDITIONAL_PATHS[path] + f" [ring {backend}]")
     lse_out = q.new_zeros(B, H, max(N, clusters), dtype=compute_dtype(q))
@@ -332,3 +339,107 @@ def _conditional_backward(ctx, grad, _ga, _gp, _gl):
 
 sp_ring_conditional_attention.register_autograd(_conditional_backward,
                                                 setup_context=_setup_conditional)
+
+
+# ------------------------------------------------------- improved clustered attention, ring
+
+@torch.library.custom_op("clusterfx::sp_ring_improved_clustered_attention", mutates_args=())
+def sp_ring_improved_clustered_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, clusters: int,
+    iterations: int, bits: int, seed: int, clustering: str, refine: int, metric: str,
+    topk: int, min_length: int, seq_len: int, zigzag: bool, ulysses: int, ring: int,
+    ulysses_group: str, ring_group: str, timeout: float, impl: str, tag: str, site: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """i-clustered attention over the ring (`improved.py`), or exact ring attention below
+    `min_length` keys or for a mask that is not key padding. Returns (out, assignments, path,
+    lse, O^c, T positions, k_T, v_T), the last five kept for the backward: lse (B, H,
+    max(Nb, C)) the centroids' (first C) or, on an exact path, the queries' (first Nb)
+    log-sum-exp; O^c (B, H, C, Dv) in the compute dtype; T (B, H, C, kk) int64, k_T, v_T
+    (B, H, C, kk, ·), kk = min(topk, S) (zeros on an exact path). The blocks run plain torch
+    (the top-k needs each block's centroid scores): telemetry says "torch" (or "reference")."""
+    layout, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
+    mod, backend = kernels(impl, q.device)
+    B, H, N, _ = q.shape
+    spec = ClusteringSpec(clusters, iterations, bits, seed, clustering, refine, metric)
+    path, keep = _conditional_path(mask, B, seq_len, min_length)
+    blocks = backend if path else ("reference" if impl == "reference" else "torch")
+    telemetry.record("conditional_attention", "ring " + blocks, site=site,
+                     path=CONDITIONAL_PATHS[path] + f" [ring {blocks}]")
+    cd = compute_dtype(q)
+    lse_out = q.new_zeros(B, H, max(N, clusters), dtype=cd)
+    if path:
+        out, lse = ring_mod.ring_forward(q, k, v, mask, False, scale, layout, groups, mod, tag)
+        assignments = torch.zeros(B, H, N, dtype=torch.int64, device=q.device)
+        oc, pos, kt, vt = _improved_state(q, k, v, clusters, topk, seq_len)
+    else:
+        clustering_impl = "reference" if impl == "reference" else "auto"  # noqa: SIM108
+        out, assignments, oc, lse, pos, kt, vt = ring_improved.forward(
+            q, k, v, keep, scale, spec, topk, layout, groups, clustering_impl, tag)
+    lse_out[..., :lse.shape[-1]] = lse
+    return (out.to(q.dtype).contiguous(), assignments, torch.tensor(path, dtype=torch.int64),
+            lse_out, oc.contiguous(), pos.contiguous(), kt.contiguous(), vt.contiguous())
+
+
+def _improved_state(q, k, v, clusters: int, topk: int, seq_len: int, empty=torch.zeros):
+    """(O^c, T positions, k_T, v_T) of the improved op, shaped for its outputs."""
+    B, H = q.shape[:2]
+    kk = min(topk, seq_len)
+    return (empty(B, H, clusters, v.shape[-1], dtype=compute_dtype(q), device=q.device),
+            empty(B, H, clusters, kk, dtype=torch.int64, device=q.device),
+            empty(B, H, clusters, kk, k.shape[-1], dtype=k.dtype, device=q.device),
+            empty(B, H, clusters, kk, v.shape[-1], dtype=v.dtype, device=q.device))
+
+
+@sp_ring_improved_clustered_attention.register_fake
+def _(q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine, metric, topk,
+      min_length, seq_len, *args):
+    B, H, N, _ = q.shape
+    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.int64),
+            q.new_empty((), dtype=torch.int64),
+            q.new_empty(B, H, max(N, clusters), dtype=compute_dtype(q)),
+            *_improved_state(q, k, v, clusters, topk, seq_len, empty=torch.empty))
+
+
+@torch.library.custom_op("clusterfx::sp_ring_improved_clustered_attention_backward",
+                         mutates_args=())
+def sp_ring_improved_clustered_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor,
+    assignments: Tensor, path: Tensor, lse: Tensor, oc: Tensor, pos: Tensor, kt: Tensor,
+    vt: Tensor, scale: float, clusters: int, seq_len: int, zigzag: bool, ulysses: int,
+    ring: int, ulysses_group: str, ring_group: str, timeout: float, impl: str, tag: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    layout, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
+    mod, _ = kernels(impl, q.device)
+    B, N = q.shape[0], q.shape[2]
+    dout = dout.contiguous()
+    if int(path):
+        dq, dk, dv = ring_mod.ring_backward(dout, q, k, v, out, lse[..., :N], mask, False,
+                                            scale, layout, groups, mod, tag)
+    else:
+        _, keep = key_padding(mask, B, seq_len)
+        dq, dk, dv = ring_improved.backward(dout, q, k, v, keep, assignments, oc,
+                                            lse[..., :clusters], pos, kt, vt, scale, clusters,
+                                            layout, groups, mod, tag)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@sp_ring_improved_clustered_attention_backward.register_fake
+def _(dout, q, k, v, *args):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_improved(ctx, inputs, output):
+    q, k, v, mask, scale, clusters = inputs[:6]
+    ctx.save_for_backward(q, k, v, mask, *output)
+    ctx.args = (scale, clusters, *inputs[14:23])  # *mesh, impl, tag
+
+
+def _improved_backward(ctx, grad, *_grads_of_the_rest):
+    q, k, v, mask, out, assignments, path, lse, oc, pos, kt, vt = ctx.saved_tensors
+    dq, dk, dv = sp_ring_improved_clustered_attention_backward(
+        grad, q, k, v, mask, out, assignments, path, lse, oc, pos, kt, vt, *ctx.args)
+    return (dq, dk, dv) + (None,) * 21
+
+
+sp_ring_improved_clustered_attention.register_autograd(_improved_backward,
+                                                       setup_context=_setup_improved)
