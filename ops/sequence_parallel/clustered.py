@@ -76,16 +76,23 @@ def broadcast(xc: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
 
 
 def assign(q, k, keep, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Groups,
-           impl: str, tag: str) -> torch.Tensor:
-    """Cluster assignments (B, H, Nb) of this ring block's queries."""
-    metric = centre = None
+           impl: str, tag: str, spare: bool = False) -> torch.Tensor:
+    """Cluster assignments (B, H, Nb) of this ring block's queries. `spare`: as the
+    single-process ops (ops/clustered/nonfinite.py, rule 3), queries at padded positions are
+    kept out of the clustering (replaced by 0 for it) and put in a spare cluster C of their
+    own when the clusters pool queries (C < Nb), so padding moves no valid centroid."""
+    metric = centre = padded = None
+    if keep is not None:
+        local = keep.index_select(1, layout.block_positions(groups.ring_rank(), q.device))
+        if spare and spec.clusters < q.shape[2] and not bool(local.all()):
+            padded = ~local[:, None, :].expand(q.shape[:3])
+            q = q.masked_fill(padded[..., None], 0.0)
     if spec.metric == "attention":
         metric = ring_metric(k, q.shape[1], keep, layout, groups, tag)
         if keep is not None:
-            local = keep.index_select(1, layout.block_positions(groups.ring_rank(), q.device))
             centre = local[:, None, :].expand(q.shape[:3])
     assignments, _ = cluster_with(q, spec, metric=metric, centre_mask=centre, impl=impl)
-    return assignments
+    return assignments if padded is None else assignments.masked_fill(padded, spec.clusters)
 
 
 def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout,

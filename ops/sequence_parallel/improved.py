@@ -1,7 +1,8 @@
 """Improved-clustered (i-clustered) attention over a ring.
 
 As `clustered.py`, each ring rank clusters its ring block's queries into C clusters (the
-attention metric's key statistics all-reduced over the ring) with centroids Q^c_j. The
+attention metric's key statistics all-reduced over the ring; queries at padded positions in a
+spare cluster C of their own, as on one process) with centroids Q^c_j. The
 single-process definition (`ops/clustered/reference.py`): T_j = the top-k keys of row j of
 s·Q^c Kᵀ + β over all S keys, m̂_j = Σ_{l∈T_j} A^c_jl, and for query i of cluster j::
 
@@ -143,12 +144,20 @@ def exact_part(q, qc, kt, vt, lse_c, valid, assignments, scale: float) -> torch.
         oqt - ring_clustered.broadcast(oct_, assignments))
 
 
+def with_spare(clusters: int) -> int:
+    """Clusters of a ring rank: C and the spare cluster C of its padded queries (empty when
+    there are none, or when C >= Nb; always counted, so that shapes do not depend on data)."""
+    return clusters + 1
+
+
 def forward(q, k, v, keep, scale: float, spec, topk: int, layout: SeqLayout,
             groups: comm.Groups, impl: str, tag: str):
-    """(out, assignments, O^c, lse^c, T positions, k_T, v_T)."""
+    """(out, assignments (B, H, Nb) in [0, C], O^c, lse^c, T positions, k_T, v_T) with
+    C + 1 clusters (`with_spare`)."""
     cd = compute_dtype(q)
-    assignments = ring_clustered.assign(q, k, keep, spec, layout, groups, impl, tag)
-    qc, _ = ring_clustered.centroids(q, assignments, spec.clusters)
+    assignments = ring_clustered.assign(q, k, keep, spec, layout, groups, impl, tag,
+                                        spare=True)
+    qc, _ = ring_clustered.centroids(q, assignments, with_spare(spec.clusters))
     oc, lse, pos, kt, vt = ring_topk_attention(qc, k, v, keep, scale, topk, layout, groups,
                                                tag)
     g = exact_part(q.to(cd), qc, kt.to(cd), vt.to(cd), lse, selected_keep(keep, pos),
@@ -180,7 +189,8 @@ def _owners(gkt, gvt, pos, layout: SeqLayout, kv_heads: int):
 
 def backward(dout, q, k, v, keep, assignments, oc, lse, pos, kt, vt, scale: float,
              clusters: int, layout: SeqLayout, groups: comm.Groups, kernels, tag: str):
-    """(dq, dk, dv) of `forward` with the assignments and T held fixed."""
+    """(dq, dk, dv) of `forward` with the assignments and T held fixed; `clusters`
+    counts the spare one."""
     B, H, N, Dv = dout.shape
     cd = compute_dtype(q)
     qc, counts = ring_clustered.centroids(q, assignments, clusters)

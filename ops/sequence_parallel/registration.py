@@ -355,8 +355,10 @@ def sp_ring_improved_clustered_attention(
     lse, O^c, T positions, k_T, v_T), the last five kept for the backward: lse (B, H,
     max(Nb, C)) the centroids' (first C) or, on an exact path, the queries' (first Nb)
     log-sum-exp; O^c (B, H, C, Dv) in the compute dtype; T (B, H, C, kk) int64, k_T, v_T
-    (B, H, C, kk, ·), kk = min(topk, S) (zeros on an exact path). The blocks run plain torch
-    (the top-k needs each block's centroid scores): telemetry says "torch" (or "reference")."""
+    (B, H, C, kk, ·), kk = min(topk, S) (zeros on an exact path); here C counts the spare
+    cluster of padded queries (`improved.with_spare`), and assignments are in [0, C]. The
+    blocks run plain torch (the top-k needs each block's centroid scores): telemetry says
+    "torch" (or "reference")."""
     layout, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
     mod, backend = kernels(impl, q.device)
     B, H, N, _ = q.shape
@@ -366,7 +368,7 @@ def sp_ring_improved_clustered_attention(
     telemetry.record("conditional_attention", "ring " + blocks, site=site,
                      path=CONDITIONAL_PATHS[path] + f" [ring {blocks}]")
     cd = compute_dtype(q)
-    lse_out = q.new_zeros(B, H, max(N, clusters), dtype=cd)
+    lse_out = q.new_zeros(B, H, max(N, ring_improved.with_spare(clusters)), dtype=cd)
     if path:
         out, lse = ring_mod.ring_forward(q, k, v, mask, False, scale, layout, groups, mod, tag)
         assignments = torch.zeros(B, H, N, dtype=torch.int64, device=q.device)
@@ -384,6 +386,7 @@ def _improved_state(q, k, v, clusters: int, topk: int, seq_len: int, empty=torch
     """(O^c, T positions, k_T, v_T) of the improved op, shaped for its outputs."""
     B, H = q.shape[:2]
     kk = min(topk, seq_len)
+    clusters = ring_improved.with_spare(clusters)
     return (empty(B, H, clusters, v.shape[-1], dtype=compute_dtype(q), device=q.device),
             empty(B, H, clusters, kk, dtype=torch.int64, device=q.device),
             empty(B, H, clusters, kk, k.shape[-1], dtype=k.dtype, device=q.device),
@@ -396,7 +399,8 @@ def _(q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine
     B, H, N, _ = q.shape
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.int64),
             q.new_empty((), dtype=torch.int64),
-            q.new_empty(B, H, max(N, clusters), dtype=compute_dtype(q)),
+            q.new_empty(B, H, max(N, ring_improved.with_spare(clusters)),
+                        dtype=compute_dtype(q)),
             *_improved_state(q, k, v, clusters, topk, seq_len, empty=torch.empty))
 
 
@@ -417,6 +421,7 @@ def sp_ring_improved_clustered_attention_backward(
                                             scale, layout, groups, mod, tag)
     else:
         _, keep = key_padding(mask, B, seq_len)
+        clusters = ring_improved.with_spare(clusters)
         dq, dk, dv = ring_improved.backward(dout, q, k, v, keep, assignments, oc,
                                             lse[..., :clusters], pos, kt, vt, scale, clusters,
                                             layout, groups, mod, tag)

@@ -1,11 +1,12 @@
 """Improved clustered (i-clustered) attention over the ring on 2 and 4 gloo processes equals
 single-process i-clustered attention (the float64 oracle of ops/clustered/reference.py) on the
 gathered sequence given the same assignments (ring rank i's cluster j = global cluster
-i·C + j, r·C clusters): outputs and q/k/v gradients (float64 <= 1e-10, float32 <= 1e-5), for
-(u, r) in {(1, 2), (1, 4), (2, 2)}, with and without zigzag, key padding, GQA and MQA. Each
-cluster's top-k keys, kept running across the rotating K blocks, are the oracle's (as sets),
-keys planted in remote blocks are selected, and each rank sent exactly what clustered ring
-attention sends (K/V rotation, the attention metric's all-reduce, dK/dV home): nothing more.
+i·(C+1) + j, r·(C+1) clusters: C per rank and its spare cluster of padded queries): outputs
+and q/k/v gradients (float64 <= 1e-10, float32 <= 1e-5), for (u, r) in {(1, 2), (1, 4),
+(2, 2)}, with and without zigzag, key padding, GQA and MQA. Each cluster's top-k keys, kept
+running across the rotating K blocks, are the oracle's (as sets), keys planted in remote
+blocks are selected, and each rank sent exactly what clustered ring attention sends (K/V
+rotation, the attention metric's all-reduce, dK/dV home): nothing more.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tests.distributed_helpers import launch
 pytestmark = pytest.mark.distributed
 
 B, D, C = 2, 8, 3
+C1 = C + 1  # with the spare cluster
 
 
 def _case(u, r, *, zigzag=True, heads=4, kv_heads=4, pad=True, dtype="float64", topk=4,
@@ -106,9 +108,9 @@ def improved_cases(rank, world, cases, seq_len):
         h = H // u
         global_assign = torch.zeros(B, H, seq_len, dtype=torch.int64)
         for ri, uj, a in pieces[first:first + u * r]:
-            global_assign[:, uj * h:(uj + 1) * h][:, :, layout.block_positions(ri)] = a + ri * C
+            global_assign[:, uj * h:(uj + 1) * h][:, :, layout.block_positions(ri)] = a + ri * C1
         want_leaves = [x.double().requires_grad_() for x in (q, k, v)]
-        want, idx = oracle(*want_leaves, global_assign, r * C, keep, 0.3, c["topk"])
+        want, idx = oracle(*want_leaves, global_assign, r * C1, keep, 0.3, c["topk"])
         want.backward(g.double())
         out, want = out.detach(), want.detach()
         errs = [float((out.double() - want[:, :, pos]).abs().max() / want.abs().max())]
@@ -116,16 +118,17 @@ def improved_cases(rank, world, cases, seq_len):
                  for a, b in zip(leaves, want_leaves)]
         # top-k sets of this rank's non-empty clusters against the oracle's selection
         mine = seen["pos"].sort(-1).values
-        theirs = idx[:, j * h:(j + 1) * h, i * C:(i + 1) * C].sort(-1).values
-        members = torch.nn.functional.one_hot(assignments, C).sum(2) > 0  # (B, h, C)
+        theirs = idx[:, j * h:(j + 1) * h, i * C1:(i + 1) * C1].sort(-1).values
+        members = torch.nn.functional.one_hot(assignments, C1).sum(2) > 0  # (B, h, C + 1)
         same_topk = bool(torch.equal(mine[members], theirs[members]))
         blocks = set((layout.inverse_order()[seen["pos"][members]] //
                       layout.block_len).flatten().tolist())
         has_planted = all(bool(torch.isin(torch.tensor(planted), row).all())
                           for row in seen["pos"][members])
+        spare = bool((assignments == C).any())  # padded queries in the spare cluster
         sent = {k_: v_ for k_, v_ in sp.traffic[tag].items() if k_.endswith("bytes")}
         results.append({"errors": errs, "same_topk": same_topk, "blocks": sorted(blocks),
-                        "has_planted": has_planted, "sent": sent,
+                        "has_planted": has_planted, "sent": sent, "spare": spare,
                         "expected": _expected_bytes(c, seq_len, q.element_size())})
     return results
 
@@ -162,6 +165,8 @@ def _check(results, index, case):
         assert max(res["errors"]) <= tol, (case, res)
         assert res["same_topk"], (case, res)
         assert res["sent"] == res["expected"], (res["sent"], res["expected"])
+        # padded queries (batch 1's tail) sit in the spare cluster on the ranks holding them
+        assert any(rank[index]["spare"] for rank in results) == case["pad"]
         if case["plant"]:  # remote keys found by every cluster of every rank
             assert res["has_planted"] and len(res["blocks"]) >= 2, res
 
