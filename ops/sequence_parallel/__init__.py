@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from clusterfx.ops.common.checks import check_positive_int
 from clusterfx.ops.sequence_parallel import registration  # noqa: F401 - registers the ops
 from clusterfx.ops.sequence_parallel.clustered import ring_metric
 from clusterfx.ops.sequence_parallel.common.comm import Groups, SequenceParallelTimeout, traffic
@@ -146,6 +147,8 @@ def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clust
     and ring block)."""
     u = groups.ulysses
     check_heads(q.shape[1], k.shape[1], u)
+    if topk is not None:
+        check_positive_int("topk", topk)
     rep = kv_replication(k.shape[1], u)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
