@@ -1,7 +1,9 @@
 """Clustered attention over a ring: what no other system runs.
 
 Each ring rank holds the queries of its ring block (after the Ulysses all-to-all, for its H/u
-heads) and clusters *them* into C clusters (the clustered family's `cluster_with`). In the
+heads) and clusters *them* into C clusters (the clustered family's `cluster_with`); queries at
+padded positions go to a spare cluster C of their own when C < S/r, as on one process
+(ops/clustered/nonfinite.py, rule 3), so that padding moves no valid centroid. In the
 attention metric, the keys' statistics are those of all S keys: each rank sums Σw, Σw·k and
 Σw·k kᵀ over its block's valid keys (every ⌈S/4096⌉-th position, as `attention_metric`
 reads them), in float64, and the sums are all-reduced over the ring, so the metric equals
@@ -12,8 +14,8 @@ row::
     Q^c_j = mean_{a(i)=j} q_i,   O^c = ring_attention(Q^c, K, V, key padding),
     out_i = O^c_{a(i)}
 
-Given the same assignments this is single-process clustered attention with r·C clusters
-(ring rank i's cluster j is global cluster i·C + j). Backward: dO^c_j = Σ_{a(i)=j} dout_i,
+Given the same assignments this is single-process clustered attention with r·(C+1) clusters
+(ring rank i's cluster j is global cluster i·(C+1) + j). Backward: dO^c_j = Σ_{a(i)=j} dout_i,
 the ring backward gives dQ^c, dK, dV (dK, dV returned to their owners), and
 dq_i = dQ^c_{a(i)} / n_{a(i)}; no gradient flows through the clustering.
 
@@ -75,6 +77,12 @@ def broadcast(xc: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
     return torch.gather(xc, 2, assignments[..., None].expand(*assignments.shape, xc.shape[-1]))
 
 
+def with_spare(clusters: int) -> int:
+    """Clusters of a ring rank: C and the spare cluster C of its padded queries (empty when
+    there are none, or when C >= Nb; always counted, so that shapes do not depend on data)."""
+    return clusters + 1
+
+
 def assign(q, k, keep, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Groups,
            impl: str, tag: str, spare: bool = False) -> torch.Tensor:
     """Cluster assignments (B, H, Nb) of this ring block's queries. `spare`: as the
@@ -97,9 +105,10 @@ def assign(q, k, keep, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Gro
 
 def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout,
             groups: comm.Groups, kernels, impl: str, tag: str):
-    """(out, assignments, centroid out, centroid lse)."""
-    assignments = assign(q, k, keep, spec, layout, groups, impl, tag)
-    qc, _ = centroids(q, assignments, spec.clusters)
+    """(out, assignments (B, H, Nb) in [0, C], centroid out, centroid lse) with C + 1
+    clusters (`with_spare`)."""
+    assignments = assign(q, k, keep, spec, layout, groups, impl, tag, spare=True)
+    qc, _ = centroids(q, assignments, with_spare(spec.clusters))
     mask = None if keep is None else keep[:, None, None, :]
     oc, lse = ring_forward(qc.to(q.dtype), k, v, mask, False, scale, layout, groups, kernels,
                            tag)
@@ -108,7 +117,8 @@ def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout
 
 def backward(dout, q, k, v, keep, assignments, oc, lse, scale: float, clusters: int,
              layout: SeqLayout, groups: comm.Groups, kernels, tag: str):
-    """(dq, dk, dv) of `forward` with the assignments held fixed."""
+    """(dq, dk, dv) of `forward` with the assignments held fixed; `clusters` counts the
+    spare one."""
     B, H, N, Dv = dout.shape
     cd = compute_dtype(q)
     qc, counts = centroids(q, assignments, clusters)

@@ -144,20 +144,15 @@ def exact_part(q, qc, kt, vt, lse_c, valid, assignments, scale: float) -> torch.
         oqt - ring_clustered.broadcast(oct_, assignments))
 
 
-def with_spare(clusters: int) -> int:
-    """Clusters of a ring rank: C and the spare cluster C of its padded queries (empty when
-    there are none, or when C >= Nb; always counted, so that shapes do not depend on data)."""
-    return clusters + 1
-
-
 def forward(q, k, v, keep, scale: float, spec, topk: int, layout: SeqLayout,
             groups: comm.Groups, impl: str, tag: str):
     """(out, assignments (B, H, Nb) in [0, C], O^c, lse^c, T positions, k_T, v_T) with
-    C + 1 clusters (`with_spare`)."""
+    C + 1 clusters (`clustered.with_spare`)."""
     cd = compute_dtype(q)
     assignments = ring_clustered.assign(q, k, keep, spec, layout, groups, impl, tag,
                                         spare=True)
-    qc, _ = ring_clustered.centroids(q, assignments, with_spare(spec.clusters))
+    qc, _ = ring_clustered.centroids(q, assignments,
+                                     ring_clustered.with_spare(spec.clusters))
     oc, lse, pos, kt, vt = ring_topk_attention(qc, k, v, keep, scale, topk, layout, groups,
                                                tag)
     g = exact_part(q.to(cd), qc, kt.to(cd), vt.to(cd), lse, selected_keep(keep, pos),

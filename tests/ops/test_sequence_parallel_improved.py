@@ -77,15 +77,16 @@ def test_equals_the_oracle_given_the_assignments(dtype, heads, kv_heads, dv, pad
         assert float(out[1].abs().max()) == 0.0
 
 
-def test_padding_moves_no_valid_row_and_sits_in_the_spare_cluster():
+@pytest.mark.parametrize("topk", [5, None])  # None: the ring clustered op, the same rule
+def test_padding_moves_no_valid_row_and_sits_in_the_spare_cluster(topk):
     (q, k, v, g), keep = _inputs()
-    out, assignments, _ = _run(q, k, v, keep, 5)
+    out, assignments, _ = _run(q, k, v, keep, topk)
     assert bool((assignments[1][:, ~keep[1]] == C).all())
     assert bool((assignments[1][:, keep[1]] < C).all()) and bool((assignments[0] < C).all())
     q2, k2, v2 = (x.clone() for x in (q, k, v))
     for x in (q2, k2, v2):
         x[1, :, ~keep[1]] += 10.0  # padded queries, keys and values change
-    out2, assignments2, _ = _run(q2, k2, v2, keep, 5)
+    out2, assignments2, _ = _run(q2, k2, v2, keep, topk)
     assert torch.equal(assignments2, assignments)
     assert torch.equal(out2[0], out[0])
     assert float((out2[1][:, keep[1]] - out[1][:, keep[1]]).abs().max()) < 1e-13
