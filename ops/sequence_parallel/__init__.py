@@ -9,7 +9,11 @@ attention over it runs as::
     out (B, H/u, S/r, D) ──all-to-all back──▶ (B, H, L, D)
 
 With u = 1 there is no all-to-all; with r = 1 the attention after it is any local attention
-(dense, clustered, top-k) on the whole sequence of H/u heads. GQA: K/V keep Hk heads when u
+(dense, clustered, top-k) on the whole sequence of H/u heads. Clustered attention runs over the
+ring too (`usp_clustered_attention`: each ring rank clusters its own block's queries, the
+centroids attend all keys by ring attention; `clustered.py`), and so does improved clustered
+attention (`topk=`: each centroid's top-k keys kept running across the rotating K/V blocks,
+attended exactly per query; `improved.py`). GQA: K/V keep Hk heads when u
 divides Hk; when Hk divides u they are replicated to u heads first (the extra all-to-all
 traffic is counted), and their gradients summed back.
 

@@ -59,10 +59,14 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, flat).view(B, H, R, n, x.shape[-1])
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Hk, N, E) → (B, heads, N, E) (query head h reads kv head h // (heads/Hk))."""
-    G = heads // x.shape[1]
-    return x if G == 1 else x.repeat_interleave(G, dim=1)
+def _kv_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, Hk, N, E) of kv heads, index (B, H, R, n) of query heads → (B, H, R, n, E)
+    (query head h reads kv head h // (H/Hk); the query heads of one kv head are adjacent, so
+    their indices gather from it together, without copying x per query head)."""
+    B, H, R, n = index.shape
+    Hk = x.shape[1]
+    rows = _rows(x, index.reshape(B, Hk, 1, (H // Hk) * R * n))
+    return rows.view(B, H, R, n, x.shape[-1])
 
 
 def ring_topk_attention(qc, k, v, keep, scale: float, topk: int, layout: SeqLayout,
@@ -98,8 +102,8 @@ def ring_topk_attention(qc, k, v, keep, scale: float, topk: int, layout: SeqLayo
         best, pick = torch.cat([best, top], -1).topk(min(kk, best.shape[-1] + top.shape[-1]),
                                                      dim=-1)
         pos = torch.cat([pos, positions[index]], -1).gather(-1, pick)
-        kt = _pick(torch.cat([kt, _rows(_heads(k, H), index)], 3), pick)
-        vt = _pick(torch.cat([vt, _rows(_heads(v, H), index)], 3), pick)
+        kt = _pick(torch.cat([kt, _kv_rows(k, index)], 3), pick)
+        vt = _pick(torch.cat([vt, _kv_rows(v, index)], 3), pick)
         if shift is not None:
             k, v = shift.finish()
     if tag:
@@ -144,6 +148,18 @@ def exact_part(q, qc, kt, vt, lse_c, valid, assignments, scale: float) -> torch.
         oqt - ring_clustered.broadcast(oct_, assignments))
 
 
+_CHUNK_ELEMENTS = 1 << 22  # of each query chunk's gathered k_T / v_T rows (16 MB in fp32)
+
+
+def _query_chunks(assignments: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor):
+    """Slices of the queries (dim 2) whose gathered (B, H, n, kk, D|Dv) rows stay within
+    `_CHUNK_ELEMENTS`: the exact part's memory does not grow with S/r."""
+    B, H, N = assignments.shape
+    n = max(1, _CHUNK_ELEMENTS // max(1, B * H * kt.shape[3] * max(kt.shape[-1],
+                                                                    vt.shape[-1])))
+    return [slice(s, s + n) for s in range(0, N, n)]
+
+
 def forward(q, k, v, keep, scale: float, spec, topk: int, layout: SeqLayout,
             groups: comm.Groups, impl: str, tag: str):
     """(out, assignments (B, H, Nb) in [0, C], O^c, lse^c, T positions, k_T, v_T) with
@@ -155,8 +171,10 @@ def forward(q, k, v, keep, scale: float, spec, topk: int, layout: SeqLayout,
                                      ring_clustered.with_spare(spec.clusters))
     oc, lse, pos, kt, vt = ring_topk_attention(qc, k, v, keep, scale, topk, layout, groups,
                                                tag)
-    g = exact_part(q.to(cd), qc, kt.to(cd), vt.to(cd), lse, selected_keep(keep, pos),
-                   assignments, scale)
+    valid, qd, ktd, vtd = selected_keep(keep, pos), q.to(cd), kt.to(cd), vt.to(cd)
+    g = torch.cat([exact_part(qd[:, :, part], qc, ktd, vtd, lse, valid,
+                              assignments[:, :, part], scale)
+                   for part in _query_chunks(assignments, kt, vt)], 2)
     out = ring_clustered.broadcast(oc, assignments) + g
     return out.to(q.dtype), assignments, oc, lse, pos, kt, vt
 
@@ -189,13 +207,17 @@ def backward(dout, q, k, v, keep, assignments, oc, lse, pos, kt, vt, scale: floa
     B, H, N, Dv = dout.shape
     cd = compute_dtype(q)
     qc, counts = ring_clustered.centroids(q, assignments, clusters)
-    valid = selected_keep(keep, pos)
+    valid, ktd, vtd, dd = selected_keep(keep, pos), kt.to(cd), vt.to(cd), dout.to(cd)
+    qd = q.to(cd)
+    gq = torch.empty_like(qd)
+    gqc = gkt = gvt = glse = 0
+    for part in _query_chunks(assignments, kt, vt):  # G is a sum over query chunks
+        def chunk(q_, qc_, kt_, vt_, lse_, part=part):
+            return exact_part(q_, qc_, kt_, vt_, lse_, valid, assignments[:, :, part], scale)
 
-    def part(q_, qc_, kt_, vt_, lse_):
-        return exact_part(q_, qc_, kt_, vt_, lse_, valid, assignments, scale)
-
-    _, pullback = torch.func.vjp(part, q.to(cd), qc, kt.to(cd), vt.to(cd), lse)
-    gq, gqc, gkt, gvt, glse = pullback(dout.to(cd))
+        _, pullback = torch.func.vjp(chunk, qd[:, :, part], qc, ktd, vtd, lse)
+        gq[:, :, part], *shared = pullback(dd[:, :, part])
+        gqc, gkt, gvt, glse = (a + b for a, b in zip((gqc, gkt, gvt, glse), shared))
     slots = assignments + torch.arange(B * H, device=q.device).view(B, H, 1) * clusters
     doc = dout.new_zeros(B * H * clusters, Dv, dtype=cd).index_add_(
         0, slots.reshape(-1), dout.reshape(-1, Dv).to(cd)).view(B, H, clusters, Dv)

@@ -10,6 +10,12 @@ over, by name (see `SeqLayout`, `comm.Groups`).
     sp_ring_attention(q, k, v, mask, causal, scale, *mesh, impl, tag) -> (out, lse)
         bwd: sp_ring_attention_backward(dout, q, k, v, out, lse, mask, causal, scale, *mesh,
                                         impl, tag) -> (dq, dk, dv)
+    sp_ring_conditional_attention(q, k, v, mask, scale, *spec, min_length, *mesh, impl, tag,
+                                  site) -> (out, assignments, path, lse)     clustered.py
+    sp_ring_improved_clustered_attention(q, k, v, mask, scale, *spec, topk, min_length, *mesh,
+                                         impl, tag, site)
+        -> (out, assignments, path, lse, O^c, T positions, k_T, v_T)     improved.py
+        (each with its `_backward` op: the assignments and top-k held fixed)
 
 The ops read the rank from the groups at run time, so every rank's graph is the same code.
 The gradient conventions (see `passes/sequence_parallel.py`): a value every rank holds whole

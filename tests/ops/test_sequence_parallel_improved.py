@@ -77,6 +77,21 @@ def test_equals_the_oracle_given_the_assignments(dtype, heads, kv_heads, dv, pad
         assert float(out[1].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("chunk", [1, 700])  # one query per chunk; several queries
+def test_the_exact_part_in_query_chunks_is_the_same(monkeypatch, chunk):
+    from clusterfx.ops.sequence_parallel import improved
+
+    (q, k, v, g), keep = _inputs(heads=4, kv_heads=2)
+    monkeypatch.setattr(improved, "_CHUNK_ELEMENTS", chunk)
+    assert len(improved._query_chunks(torch.zeros(2, 4, S, dtype=torch.int64),
+                                      *(torch.zeros(2, 4, C + 1, 5, 8),) * 2)) > 1
+    out, assignments, leaves = _run(q, k, v, keep, 5)
+    out.backward(g)
+    want, grads, _ = _oracle(q, k, v, g, keep, assignments, 5)
+    for got, ref in zip([out.detach()] + [x.grad for x in leaves], [want] + grads):
+        assert float((got - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
 @pytest.mark.parametrize("topk", [5, None])  # None: the ring clustered op, the same rule
 def test_padding_moves_no_valid_row_and_sits_in_the_spare_cluster(topk):
     (q, k, v, g), keep = _inputs()
