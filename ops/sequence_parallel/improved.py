@@ -124,10 +124,38 @@ def selected_keep(keep, pos: torch.Tensor) -> torch.Tensor:
     return keep.gather(1, pos.reshape(B, -1)).view(pos.shape)
 
 
-def exact_part(q, qc, kt, vt, lse_c, valid, assignments, scale: float) -> torch.Tensor:
+TILE = 16  # queries of one cluster per tile: its k_T, v_T rows are read once per tile
+
+
+def cluster_tiles(assignments: torch.Tensor, clusters: int):
+    """Queries grouped by cluster into tiles of `TILE` (the last tile of a cluster padded):
+    (lane (B·H·N,) of each query, tile_slot (P,) the cluster slot b·H·C + h·C + j of each
+    tile, P). P ≤ B·H·(N/TILE + C), so the gathered k_T, v_T rows are about k/TILE times q."""
+    B, H, N = assignments.shape
+    device = assignments.device
+    slots = (assignments + torch.arange(B * H, device=device).view(B, H, 1) * clusters)
+    slots = slots.reshape(-1)
+    order = torch.argsort(slots, stable=True)
+    counts = torch.bincount(slots, minlength=B * H * clusters)
+    tiles = (counts + TILE - 1) // TILE
+    sorted_slots = slots[order]
+    rank = torch.arange(slots.numel(), device=device) - (counts.cumsum(0) - counts)[sorted_slots]
+    tile_id = (tiles.cumsum(0) - tiles)[sorted_slots] + rank // TILE
+    lane = torch.empty_like(slots)
+    lane[order] = tile_id * TILE + rank % TILE
+    P = int(tiles.sum())
+    tile_slot = torch.zeros(P, dtype=torch.int64, device=device).scatter_(0, tile_id,
+                                                                            sorted_slots)
+    return lane, tile_slot, P
+
+
+def exact_part(q, qc, kt, vt, lse_c, valid, assignments, scale: float, tiles) -> torch.Tensor:
     """G = m̂ (O^q_T - O^c_T) per query, (B, H, N, Dv), differentiable in q, qc, kt, vt and
-    lse_c (all in the compute dtype). A centroid whose T holds no valid key (every key of its
-    batch element padded) gets G = 0 with finite intermediates (so gradients stay finite)."""
+    lse_c (all in the compute dtype); `tiles` from `cluster_tiles`. A centroid whose T holds
+    no valid key (every key of its batch element padded) gets G = 0 with finite
+    intermediates (so gradients stay finite)."""
+    B, H, N, D = q.shape
+    kk, Dv = kt.shape[3], vt.shape[-1]
     has = valid.any(-1)  # (B, H, C)
     bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
         ~valid & has[..., None], float("-inf"))
@@ -136,28 +164,15 @@ def exact_part(q, qc, kt, vt, lse_c, valid, assignments, scale: float) -> torch.
     oct_ = (torch.softmax(sc, -1)[..., None, :] @ vt).squeeze(-2)  # (B, H, C, Dv)
     mass = torch.where(has, torch.exp(lse_t - torch.where(has, lse_c, lse_t)),
                        torch.zeros_like(lse_t))
-    # each query against its cluster's T (B, H, N, kk, ·)
-    index = assignments[..., None]
-    kq, vq = _rows(kt.flatten(3), index), _rows(vt.flatten(3), index)
-    kq = kq.view(*assignments.shape, *kt.shape[3:])
-    vq = vq.view(*assignments.shape, *vt.shape[3:])
-    bq = _rows(bias, index).squeeze(3)
-    sq = (kq @ q[..., None]).squeeze(-1) * scale + bq
-    oqt = (torch.softmax(sq, -1)[..., None, :] @ vq).squeeze(-2)  # (B, H, N, Dv)
-    return _rows(mass[..., None], index).view(*assignments.shape, 1) * (
+    # each query against its cluster's T, a tile of same-cluster queries at a time
+    lane, tile_slot, P = tiles
+    qt = q.new_zeros(P * TILE, D).index_copy(0, lane, q.reshape(-1, D)).view(P, TILE, D)
+    st = qt @ kt.reshape(-1, kk, D).index_select(0, tile_slot).transpose(1, 2) * scale
+    st = st + bias.reshape(-1, 1, kk).index_select(0, tile_slot)
+    ot = torch.softmax(st, -1) @ vt.reshape(-1, kk, Dv).index_select(0, tile_slot)
+    oqt = ot.view(P * TILE, Dv).index_select(0, lane).view(B, H, N, Dv)
+    return ring_clustered.broadcast(mass[..., None], assignments) * (
         oqt - ring_clustered.broadcast(oct_, assignments))
-
-
-_CHUNK_ELEMENTS = 1 << 22  # of each query chunk's gathered k_T / v_T rows (16 MB in fp32)
-
-
-def _query_chunks(assignments: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor):
-    """Slices of the queries (dim 2) whose gathered (B, H, n, kk, D|Dv) rows stay within
-    `_CHUNK_ELEMENTS`: the exact part's memory does not grow with S/r."""
-    B, H, N = assignments.shape
-    n = max(1, _CHUNK_ELEMENTS // max(1, B * H * kt.shape[3] * max(kt.shape[-1],
-                                                                    vt.shape[-1])))
-    return [slice(s, s + n) for s in range(0, N, n)]
 
 
 def forward(q, k, v, keep, scale: float, spec, topk: int, layout: SeqLayout,
@@ -165,16 +180,14 @@ def forward(q, k, v, keep, scale: float, spec, topk: int, layout: SeqLayout,
     """(out, assignments (B, H, Nb) in [0, C], O^c, lse^c, T positions, k_T, v_T) with
     C + 1 clusters (`clustered.with_spare`)."""
     cd = compute_dtype(q)
+    clusters = ring_clustered.with_spare(spec.clusters)
     assignments = ring_clustered.assign(q, k, keep, spec, layout, groups, impl, tag,
                                         spare=True)
-    qc, _ = ring_clustered.centroids(q, assignments,
-                                     ring_clustered.with_spare(spec.clusters))
+    qc, _ = ring_clustered.centroids(q, assignments, clusters)
     oc, lse, pos, kt, vt = ring_topk_attention(qc, k, v, keep, scale, topk, layout, groups,
                                                tag)
-    valid, qd, ktd, vtd = selected_keep(keep, pos), q.to(cd), kt.to(cd), vt.to(cd)
-    g = torch.cat([exact_part(qd[:, :, part], qc, ktd, vtd, lse, valid,
-                              assignments[:, :, part], scale)
-                   for part in _query_chunks(assignments, kt, vt)], 2)
+    g = exact_part(q.to(cd), qc, kt.to(cd), vt.to(cd), lse, selected_keep(keep, pos),
+                   assignments, scale, cluster_tiles(assignments, clusters))
     out = ring_clustered.broadcast(oc, assignments) + g
     return out.to(q.dtype), assignments, oc, lse, pos, kt, vt
 
@@ -207,17 +220,13 @@ def backward(dout, q, k, v, keep, assignments, oc, lse, pos, kt, vt, scale: floa
     B, H, N, Dv = dout.shape
     cd = compute_dtype(q)
     qc, counts = ring_clustered.centroids(q, assignments, clusters)
-    valid, ktd, vtd, dd = selected_keep(keep, pos), kt.to(cd), vt.to(cd), dout.to(cd)
-    qd = q.to(cd)
-    gq = torch.empty_like(qd)
-    gqc = gkt = gvt = glse = 0
-    for part in _query_chunks(assignments, kt, vt):  # G is a sum over query chunks
-        def chunk(q_, qc_, kt_, vt_, lse_, part=part):
-            return exact_part(q_, qc_, kt_, vt_, lse_, valid, assignments[:, :, part], scale)
+    valid, tiles = selected_keep(keep, pos), cluster_tiles(assignments, clusters)
 
-        _, pullback = torch.func.vjp(chunk, qd[:, :, part], qc, ktd, vtd, lse)
-        gq[:, :, part], *shared = pullback(dd[:, :, part])
-        gqc, gkt, gvt, glse = (a + b for a, b in zip((gqc, gkt, gvt, glse), shared))
+    def part(q_, qc_, kt_, vt_, lse_):
+        return exact_part(q_, qc_, kt_, vt_, lse_, valid, assignments, scale, tiles)
+
+    _, pullback = torch.func.vjp(part, q.to(cd), qc, kt.to(cd), vt.to(cd), lse)
+    gq, gqc, gkt, gvt, glse = pullback(dout.to(cd))
     slots = assignments + torch.arange(B * H, device=q.device).view(B, H, 1) * clusters
     doc = dout.new_zeros(B * H * clusters, Dv, dtype=cd).index_add_(
         0, slots.reshape(-1), dout.reshape(-1, Dv).to(cd)).view(B, H, clusters, Dv)

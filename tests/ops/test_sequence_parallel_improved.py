@@ -77,15 +77,18 @@ def test_equals_the_oracle_given_the_assignments(dtype, heads, kv_heads, dv, pad
         assert float(out[1].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("chunk", [1, 700])  # one query per chunk; several queries
-def test_the_exact_part_in_query_chunks_is_the_same(monkeypatch, chunk):
+@pytest.mark.parametrize("tile", [1, 3, 64])  # a tile per query; several per cluster; one
+def test_the_exact_part_in_tiles_of_one_cluster_is_the_same(monkeypatch, tile):
     from clusterfx.ops.sequence_parallel import improved
 
     (q, k, v, g), keep = _inputs(heads=4, kv_heads=2)
-    monkeypatch.setattr(improved, "_CHUNK_ELEMENTS", chunk)
-    assert len(improved._query_chunks(torch.zeros(2, 4, S, dtype=torch.int64),
-                                      *(torch.zeros(2, 4, C + 1, 5, 8),) * 2)) > 1
+    monkeypatch.setattr(improved, "TILE", tile)
     out, assignments, leaves = _run(q, k, v, keep, 5)
+    lane, tile_slot, P = improved.cluster_tiles(assignments, C + 1)
+    # every query has its own lane, in a tile of its own cluster
+    assert lane.unique().numel() == lane.numel() and int(lane.max()) < P * tile
+    slots = (assignments + torch.arange(8).view(2, 4, 1) * (C + 1)).reshape(-1)
+    assert torch.equal(tile_slot[lane // tile], slots)
     out.backward(g)
     want, grads, _ = _oracle(q, k, v, g, keep, assignments, 5)
     for got, ref in zip([out.detach()] + [x.grad for x in leaves], [want] + grads):
