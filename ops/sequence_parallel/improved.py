@@ -22,7 +22,7 @@ each step the centroids' scores against the block held (C × S/r per head, mater
 the top-k needs them) fold into (O^c, lse^c) by the log-sum-exp merge, and the block's top
 candidates merge with the running top-k: scores, global positions and copies of the k and v
 rows. At the end every rank holds k_T, v_T (B, H, C, k, ·) and computes the exact part
-locally.
+locally, on tiles of `TILE` same-cluster queries (each cluster's k_T, v_T read once per tile).
 
 Backward, with the assignments and T held fixed (as the single-process op): the local part
 G = m̂ (O^q_T - O^c_T) is differentiated with `torch.func.vjp` → dq, dQ^c, dk_T, dv_T and
