@@ -38,7 +38,7 @@ import torch
 
 from clusterfx.ops.common.checks import check_positive_int
 from clusterfx.ops.sequence_parallel import registration  # noqa: F401 - registers the ops
-from clusterfx.ops.sequence_parallel.clustered import ring_metric
+from clusterfx.ops.sequence_parallel.common.clusters import ring_metric
 from clusterfx.ops.sequence_parallel.common.comm import Groups, SequenceParallelTimeout, traffic
 from clusterfx.ops.sequence_parallel.common.layout import (
     LOAD_BALANCES,

@@ -1,10 +1,11 @@
 """Improved-clustered (i-clustered) attention over a ring.
 
-As `clustered.py`, each ring rank clusters its ring block's queries into C clusters (the
-attention metric's key statistics all-reduced over the ring; queries at padded positions in a
-spare cluster C of their own, as on one process) with centroids Q^c_j. The
-single-process definition (`ops/clustered/reference.py`): T_j = the top-k keys of row j of
-s·Q^c Kᵀ + β over all S keys, m̂_j = Σ_{l∈T_j} A^c_jl, and for query i of cluster j::
+As `clustered.py` (with the clustering of `common/clusters.py`), each ring rank clusters its
+ring block's queries into C clusters (the attention metric's key statistics all-reduced over
+the ring; queries at padded positions in a spare cluster C of their own, as on one process)
+with centroids Q^c_j. The single-process definition (`ops/clustered/reference.py`): T_j =
+the top-k keys of row j of s·Q^c Kᵀ + β over all S keys, m̂_j = Σ_{l∈T_j} A^c_jl, and for
+query i of cluster j::
 
     out_i = m̂_j Σ_{l∈T_j} softmax_{T_j}(s·q_i·k_l + β_l) v_l + Σ_{l∉T_j} A^c_jl v_l
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.common.checks import compute_dtype
-from clusterfx.ops.sequence_parallel import clustered as ring_clustered
+from clusterfx.ops.sequence_parallel.common import clusters as ring_clusters
 from clusterfx.ops.sequence_parallel.common import comm
 from clusterfx.ops.sequence_parallel.common.blocks import (
     additive_bias,
@@ -171,24 +172,24 @@ def exact_part(q, qc, kt, vt, lse_c, valid, assignments, scale: float, tiles) ->
     st = st + bias.reshape(-1, 1, kk).index_select(0, tile_slot)
     ot = torch.softmax(st, -1) @ vt.reshape(-1, kk, Dv).index_select(0, tile_slot)
     oqt = ot.view(P * TILE, Dv).index_select(0, lane).view(B, H, N, Dv)
-    return ring_clustered.broadcast(mass[..., None], assignments) * (
-        oqt - ring_clustered.broadcast(oct_, assignments))
+    return ring_clusters.broadcast(mass[..., None], assignments) * (
+        oqt - ring_clusters.broadcast(oct_, assignments))
 
 
 def forward(q, k, v, keep, scale: float, spec, topk: int, layout: SeqLayout,
             groups: comm.Groups, impl: str, tag: str):
     """(out, assignments (B, H, Nb) in [0, C], O^c, lse^c, T positions, k_T, v_T) with
-    C + 1 clusters (`clustered.with_spare`)."""
+    C + 1 clusters (`common.clusters.with_spare`)."""
     cd = compute_dtype(q)
-    clusters = ring_clustered.with_spare(spec.clusters)
-    assignments = ring_clustered.assign(q, k, keep, spec, layout, groups, impl, tag,
+    clusters = ring_clusters.with_spare(spec.clusters)
+    assignments = ring_clusters.assign(q, k, keep, spec, layout, groups, impl, tag,
                                         spare=True)
-    qc, _ = ring_clustered.centroids(q, assignments, clusters)
+    qc, _ = ring_clusters.centroids(q, assignments, clusters)
     oc, lse, pos, kt, vt = ring_topk_attention(qc, k, v, keep, scale, topk, layout, groups,
                                                tag)
     g = exact_part(q.to(cd), qc, kt.to(cd), vt.to(cd), lse, selected_keep(keep, pos),
                    assignments, scale, cluster_tiles(assignments, clusters))
-    out = ring_clustered.broadcast(oc, assignments) + g
+    out = ring_clusters.broadcast(oc, assignments) + g
     return out.to(q.dtype), assignments, oc, lse, pos, kt, vt
 
 
@@ -219,7 +220,7 @@ def backward(dout, q, k, v, keep, assignments, oc, lse, pos, kt, vt, scale: floa
     counts the spare one."""
     B, H, N, Dv = dout.shape
     cd = compute_dtype(q)
-    qc, counts = ring_clustered.centroids(q, assignments, clusters)
+    qc, counts = ring_clusters.centroids(q, assignments, clusters)
     valid, tiles = selected_keep(keep, pos), cluster_tiles(assignments, clusters)
 
     def part(q_, qc_, kt_, vt_, lse_):
@@ -234,6 +235,6 @@ def backward(dout, q, k, v, keep, assignments, oc, lse, pos, kt, vt, scale: floa
     dqc, dk, dv = ring_backward(doc, qc, k, v, oc, lse, mask, False, scale, layout, groups,
                                 kernels, tag, grad_lse=glse,
                                 add_key_grads=_owners(gkt, gvt, pos, layout, k.shape[1]))
-    dq = gq + ring_clustered.broadcast((dqc + gqc) / counts.clamp_min(1)[..., None],
+    dq = gq + ring_clusters.broadcast((dqc + gqc) / counts.clamp_min(1)[..., None],
                                         assignments)
     return dq.to(q.dtype), dk, dv

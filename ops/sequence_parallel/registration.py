@@ -39,6 +39,7 @@ from clusterfx.ops.sequence_parallel import clustered as ring_clustered
 from clusterfx.ops.sequence_parallel import improved as ring_improved
 from clusterfx.ops.sequence_parallel.common import ring as ring_mod
 from clusterfx.ops.sequence_parallel.common import sharding
+from clusterfx.ops.sequence_parallel.common.clusters import with_spare
 from clusterfx.ops.sequence_parallel.common.comm import Groups
 from clusterfx.ops.sequence_parallel.common.layout import SeqLayout
 
@@ -271,7 +272,7 @@ def sp_ring_conditional_attention(
     """Clustered attention over the ring (`clustered.py`), or exact ring attention below
     `min_length` keys or for a mask that is not key padding (as `conditional_attention`).
     Returns (out, assignments, path, lse) with lse (B, H, max(Nb, C + 1)): the centroids'
-    (first C + 1, the spare cluster of padded queries counted: `clustered.with_spare`) or the
+    (first C + 1, the spare cluster of padded queries counted: `common.clusters.with_spare`) or the
     queries' (first Nb) log-sum-exp, kept for the backward."""
     layout, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
     mod, backend = kernels(impl, q.device)
@@ -280,7 +281,7 @@ def sp_ring_conditional_attention(
     path, keep = _conditional_path(mask, B, seq_len, min_length)
     telemetry.record("conditional_attention", "ring " + backend, site=site,
                      path=CONDITIONAL_PATHS[path] + f" [ring {backend}]")
-    lse_out = q.new_zeros(B, H, max(N, ring_clustered.with_spare(clusters)),
+    lse_out = q.new_zeros(B, H, max(N, with_spare(clusters)),
                           dtype=compute_dtype(q))
     if path:
         out, lse = ring_mod.ring_forward(q, k, v, mask, False, scale, layout, groups, mod, tag)
@@ -299,7 +300,7 @@ def _(q, k, v, mask, scale, clusters, *args):
     B, H, N, _ = q.shape
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.int64),
             q.new_empty((), dtype=torch.int64),
-            q.new_empty(B, H, max(N, ring_clustered.with_spare(clusters)),
+            q.new_empty(B, H, max(N, with_spare(clusters)),
                         dtype=compute_dtype(q)))
 
 
@@ -319,7 +320,7 @@ def sp_ring_conditional_attention_backward(
                                             scale, layout, groups, mod, tag)
     else:
         _, keep = key_padding(mask, B, seq_len)
-        clusters = ring_clustered.with_spare(clusters)
+        clusters = with_spare(clusters)
         # every member of a cluster holds its centroid's row; empty clusters get no gradient
         oc = out.new_zeros(B, H, clusters, Dv).scatter_(
             2, assignments[..., None].expand(B, H, N, Dv), out)
@@ -366,7 +367,7 @@ def sp_ring_improved_clustered_attention(
     max(Nb, C)) the centroids' (first C) or, on an exact path, the queries' (first Nb)
     log-sum-exp; O^c (B, H, C, Dv) in the compute dtype; T (B, H, C, kk) int64, k_T, v_T
     (B, H, C, kk, ·), kk = min(topk, S) (zeros on an exact path); here C counts the spare
-    cluster of padded queries (`improved.with_spare`), and assignments are in [0, C]. The
+    cluster of padded queries (`common.clusters.with_spare`), and assignments are in [0, C]. The
     blocks run plain torch (the top-k needs each block's centroid scores): telemetry says
     "torch" (or "reference")."""
     layout, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
@@ -378,7 +379,7 @@ def sp_ring_improved_clustered_attention(
     telemetry.record("conditional_attention", "ring " + blocks, site=site,
                      path=CONDITIONAL_PATHS[path] + f" [ring {blocks}]")
     cd = compute_dtype(q)
-    lse_out = q.new_zeros(B, H, max(N, ring_clustered.with_spare(clusters)), dtype=cd)
+    lse_out = q.new_zeros(B, H, max(N, with_spare(clusters)), dtype=cd)
     if path:
         out, lse = ring_mod.ring_forward(q, k, v, mask, False, scale, layout, groups, mod, tag)
         assignments = torch.zeros(B, H, N, dtype=torch.int64, device=q.device)
@@ -396,7 +397,7 @@ def _improved_state(q, k, v, clusters: int, topk: int, seq_len: int, empty=torch
     """(O^c, T positions, k_T, v_T) of the improved op, shaped for its outputs."""
     B, H = q.shape[:2]
     kk = min(topk, seq_len)
-    clusters = ring_clustered.with_spare(clusters)
+    clusters = with_spare(clusters)
     return (empty(B, H, clusters, v.shape[-1], dtype=compute_dtype(q), device=q.device),
             empty(B, H, clusters, kk, dtype=torch.int64, device=q.device),
             empty(B, H, clusters, kk, k.shape[-1], dtype=k.dtype, device=q.device),
@@ -409,7 +410,7 @@ def _(q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine
     B, H, N, _ = q.shape
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.int64),
             q.new_empty((), dtype=torch.int64),
-            q.new_empty(B, H, max(N, ring_clustered.with_spare(clusters)),
+            q.new_empty(B, H, max(N, with_spare(clusters)),
                         dtype=compute_dtype(q)),
             *_improved_state(q, k, v, clusters, topk, seq_len, empty=torch.empty))
 
@@ -431,7 +432,7 @@ def sp_ring_improved_clustered_attention_backward(
                                             scale, layout, groups, mod, tag)
     else:
         _, keep = key_padding(mask, B, seq_len)
-        clusters = ring_clustered.with_spare(clusters)
+        clusters = with_spare(clusters)
         dq, dk, dv = ring_improved.backward(dout, q, k, v, keep, assignments, oc,
                                             lse[..., :clusters], pos, kt, vt, scale, clusters,
                                             layout, groups, mod, tag)
