@@ -1,14 +1,17 @@
 """`clusterfx bench parallel`: one attention layer, forward + backward, on one process vs spread
-over several gloo processes on this machine with Ulysses, Ring and USP, dense and clustered.
+over several gloo processes on this machine with Ulysses, Ring and USP: dense, clustered
+(local and global clustering over the ring) and improved clustered (opt in: --methods ...
+improved).
 
     clusterfx bench parallel [--lengths 4096 8192 16384 32768] [--world 4] [--methods dense
-        clustered global] [--heads 8] [--kv-heads 8] [--dim 64] [--clusters 100] [--steps 2]
-        [--causal] [--json PATH]
+        clustered global improved] [--heads 8] [--kv-heads 8] [--dim 64] [--clusters 100]
+        [--topk 32] [--steps 2] [--causal] [--json PATH]
 
 Workload: q, k, v ~ N(0, 1) of shape (1, H, S, D) float32 from a seeded generator, attention
 forward and `out.backward(g)`. "one process": the whole sequence in this process with every
 core (dense: `F.scaled_dot_product_attention`; clustered: `ops.clustered.clustered_attention`,
-C clusters, seed 0). Sequence-parallel: `world` fresh processes (gloo on 127.0.0.1, each with
+C clusters, seed 0; improved: `ops.clustered.improved_clustered_attention`, C clusters, top-k
+keys). Sequence-parallel: `world` fresh processes (gloo on 127.0.0.1, each with
 cores/world threads) hold S/world tokens each and run `ops.sequence_parallel.usp_attention` /
 `usp_clustered_attention` ("clustered": each ring rank clusters its own block, K/V rotate) /
 `usp_global_clustered_attention` ("global": one process's clustering of the whole sequence,
@@ -43,18 +46,20 @@ import torch
 
 from clusterfx.apps.common import machine_load
 
-METHODS = ("dense", "clustered", "global")
+METHODS = ("dense", "clustered", "global", "improved")
+DEFAULT_METHODS = ("dense", "clustered", "global")
 NVLINK, PCIE, FA3 = 450e9, 64e9, 740e12
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--world", type=int, default=4, help="processes per sequence (even)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--topk", type=int, default=32, help="keys per cluster (improved)")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     p.add_argument("--causal", action="store_true", help="causal dense attention (zigzag)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds for all workers")
@@ -73,6 +78,8 @@ def _check(args) -> None:
             raise ValueError(f"--lengths: {s} must be divisible by 2·world = {2 * args.world}")
     if args.steps < 1:
         raise ValueError(f"--steps ({args.steps}) must be >= 1")
+    if args.topk < 1:
+        raise ValueError(f"--topk ({args.topk}) must be >= 1")
 
 
 def configs(world: int) -> dict[str, tuple[int, int]]:
@@ -103,7 +110,7 @@ def _time(step, steps: int, barrier=None) -> float:
 def single_process(S: int, method: str, a) -> float:
     import torch.nn.functional as F
 
-    from clusterfx.ops.clustered import clustered_attention
+    from clusterfx.ops.clustered import clustered_attention, improved_clustered_attention
 
     q, k, v, g = _qkvg(S, a)
     leaves = [x.requires_grad_() for x in (q, k, v)]
@@ -112,8 +119,11 @@ def single_process(S: int, method: str, a) -> float:
         if method == "dense":
             out = F.scaled_dot_product_attention(*leaves, is_causal=a["causal"],
                                                  enable_gqa=k.shape[1] != q.shape[1])
-        else:  # clustered and global: one process's clustered attention
+        elif method in ("clustered", "global"):  # one process's clustered attention
             out = clustered_attention(*leaves, clusters=a["clusters"], seed=0)
+        else:
+            out = improved_clustered_attention(*leaves, clusters=a["clusters"], topk=a["topk"],
+                                               seed=0)
         out.backward(g)
     return _time(step, a["steps"])
 
@@ -154,9 +164,10 @@ def worker(rank: int, world: int, port: int, a: dict, out: str) -> None:
                         o, _ = sp.usp_global_clustered_attention(
                             *leaves, layout, groups, clusters=a["clusters"], seed=0, tag=tag)
                     else:
+                        topk = a["topk"] if method == "improved" else None
                         o, _ = sp.usp_clustered_attention(*leaves, layout, groups,
                                                           clusters=a["clusters"], seed=0,
-                                                          tag=tag)
+                                                          topk=topk, tag=tag)
                     o.backward(grad)
                 seconds = _time(step, a["steps"], dist.barrier)
                 sent = sum(v for k_, v in sp.traffic[tag].items() if k_.endswith("bytes"))
@@ -178,7 +189,7 @@ def formula_bytes(S: int, u: int, r: int, a, itemsize: int = 4, cd: int = 4,
     if r > 1:
         x = S * hkv * D / u
         total += 2 * 2 * (r - 1) / r * x * itemsize + 2 * x * cd
-        if method == "clustered":  # the metric's key statistics, all-reduced over the ring
+        if method != "dense":  # the metric's key statistics, all-reduced over the ring
             total += 2 * (r - 1) / r * (hkv // u) * (1 + D + D * D) * 8
     return total
 
@@ -229,20 +240,20 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     warnings.filterwarnings("ignore", message="clusters .* exceeds")  # short --lengths
     a = {"lengths": args.lengths, "heads": args.heads, "kv_heads": args.kv_heads or args.heads,
-         "dim": args.dim, "clusters": args.clusters, "steps": args.steps,
+         "dim": args.dim, "clusters": args.clusters, "topk": args.topk, "steps": args.steps,
          "causal": args.causal, "methods": args.methods}
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     print(f"attention fwd+bwd, B=1 H={args.heads} Hkv={a['kv_heads']} D={args.dim} float32 "
           f"cpu, dense {'causal' if args.causal else 'non-causal'}, clustered non-causal "
-          f"(it declines causality) C={args.clusters}; "
+          f"(it declines causality) C={args.clusters}, improved top-k={args.topk}; "
           f"one process: {threads} threads; SP: {args.world} gloo processes x "
           f"{max(1, threads // args.world)} thread(s); {machine_load()}")
     single: dict[tuple[int, str], float] = {}
     for S in args.lengths:
         for m in args.methods:  # "global" and "clustered" are one process's clustered attention
-            same = (S, "clustered" if m == "global" else "global")
-            single[(S, m)] = single[same] if same in single and m != "dense" else \
+            twin = {"clustered": "global", "global": "clustered"}.get(m)
+            single[(S, m)] = single[(S, twin)] if (S, twin) in single else \
                 single_process(S, m, a)
     rows = _launch(args, a)
     print(f"\n{'S':>6} {'method':>9} {'one process':>12} " + " ".join(

@@ -140,4 +140,5 @@ register_site_op(torch.ops.clusterfx.causal_conditional_attention.default, Atten
     mask=(3, None), causal=lambda n: bool(n.args[15]), tuple_output=True,
     no_ring="causal clustered attention over a ring would need its key clusters of earlier "
             "blocks (and their running sums) built across the rotating key blocks, which this "
-            "build does not have (use ulysses alone for the causal clustered family)"))
+            "build does not have (use ulysses alone for the causal clustered family: "
+            "Clustered and ImprovedClustered on a decoder)"))

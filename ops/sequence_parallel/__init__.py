@@ -9,7 +9,11 @@ attention over it runs as::
     out (B, H/u, S/r, D) ──all-to-all back──▶ (B, H, L, D)
 
 With u = 1 there is no all-to-all; with r = 1 the attention after it is any local attention
-(dense, clustered, top-k) on the whole sequence of H/u heads. GQA: K/V keep Hk heads when u
+(dense, clustered, top-k) on the whole sequence of H/u heads. Clustered attention runs over the
+ring too (`usp_clustered_attention`: each ring rank clusters its own block's queries, the
+centroids attend all keys by ring attention; `clustered.py`), and so does improved clustered
+attention (`topk=`: each centroid's top-k keys kept running across the rotating K/V blocks,
+attended exactly per query; `improved.py`). GQA: K/V keep Hk heads when u
 divides Hk; when Hk divides u they are replicated to u heads first (the extra all-to-all
 traffic is counted), and their gradients summed back.
 
@@ -38,11 +42,12 @@ from __future__ import annotations
 
 import torch
 
+from clusterfx.ops.common.checks import check_positive_int
 from clusterfx.ops.sequence_parallel import (
     conditional,  # noqa: F401 - global clustered attention's ops
     registration,  # noqa: F401 - registers the ops
 )
-from clusterfx.ops.sequence_parallel.clustered import ring_metric
+from clusterfx.ops.sequence_parallel.common.clusters import ring_metric
 from clusterfx.ops.sequence_parallel.common.comm import Groups, SequenceParallelTimeout, traffic
 from clusterfx.ops.sequence_parallel.common.layout import (
     LOAD_BALANCES,
@@ -145,14 +150,19 @@ def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clust
                             key_padding_mask=None, scale: float | None = None,
                             iterations: int = 5, bits: int = 63, seed: int = -1,
                             clustering: str = "hamming", refine: int = 1,
-                            metric: str = "attention", impl: str = "auto", tag: str = ""):
+                            metric: str = "attention", topk: int | None = None,
+                            impl: str = "auto", tag: str = ""):
     """Clustered attention on local tokens over the whole mesh: all-to-all, then each ring
     rank clusters its ring block's queries and the centroids attend to all keys by ring
-    attention (`clustered.py`), all-to-all back. `key_padding_mask` (B, S) over token
-    positions (True = keep). Shapes: q (B, H, L, D), k, v (B, Hk, L, ·) →
-    (out (B, H, L, Dv), assignments (B, H/u, S/r) of this rank's heads and ring block)."""
+    attention (`clustered.py`), all-to-all back. With `topk`: improved clustered attention,
+    each cluster's top-k keys (over all S) attended exactly per query (`improved.py`).
+    `key_padding_mask` (B, S) over token positions (True = keep). Shapes: q (B, H, L, D),
+    k, v (B, Hk, L, ·) → (out (B, H, L, Dv), assignments (B, H/u, S/r) of this rank's heads
+    and ring block)."""
     u = groups.ulysses
     check_heads(q.shape[1], k.shape[1], u)
+    if topk is not None:
+        check_positive_int("topk", topk)
     rep = kv_replication(k.shape[1], u)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -160,9 +170,14 @@ def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clust
         q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out, assignments, _, _ = _ops.sp_ring_conditional_attention(
-        q, k, v, mask, scale, clusters, iterations, bits, seed, clustering, refine, metric, 0,
-        *mesh_args(layout, groups), impl, tag, "")
+    spec = (clusters, iterations, bits, seed, clustering, refine, metric)
+    if topk is None:
+        out, assignments, _, _ = _ops.sp_ring_conditional_attention(
+            q, k, v, mask, scale, *spec, 0, *mesh_args(layout, groups), impl, tag, "")
+    else:
+        out, assignments = _ops.sp_ring_improved_clustered_attention(
+            q, k, v, mask, scale, *spec, topk, 0, *mesh_args(layout, groups), impl, tag,
+            "")[:2]
     return (heads_to_seq(out, layout, groups, tag) if u > 1 else out), assignments
 
 

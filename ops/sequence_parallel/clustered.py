@@ -1,7 +1,10 @@
 """Clustered attention over a ring: what no other system runs.
 
 Each ring rank holds the queries of its ring block (after the Ulysses all-to-all, for its H/u
-heads) and clusters *them* into C clusters (the clustered family's `cluster_with`). In the
+heads) and clusters *them* into C clusters (`common/clusters.py`: the clustered family's
+`cluster_with`); queries at padded positions go to a spare cluster C of their own when
+C < S/r, as on one process (ops/clustered/nonfinite.py, rule 3), so that padding moves no
+valid centroid. In the
 attention metric, the keys' statistics are those of all S keys: each rank sums Σw, Σw·k and
 Σw·k kᵀ over its block's valid keys (every ⌈S/4096⌉-th position, as `attention_metric`
 reads them), in float64, and the sums are all-reduced over the ring, so the metric equals
@@ -12,8 +15,8 @@ row::
     Q^c_j = mean_{a(i)=j} q_i,   O^c = ring_attention(Q^c, K, V, key padding),
     out_i = O^c_{a(i)}
 
-Given the same assignments this is single-process clustered attention with r·C clusters
-(ring rank i's cluster j is global cluster i·C + j). Backward: dO^c_j = Σ_{a(i)=j} dout_i,
+Given the same assignments this is single-process clustered attention with r·(C+1) clusters
+(ring rank i's cluster j is global cluster i·(C+1) + j). Backward: dO^c_j = Σ_{a(i)=j} dout_i,
 the ring backward gives dQ^c, dK, dV (dK, dV returned to their owners), and
 dq_i = dQ^c_{a(i)} / n_{a(i)}; no gradient flows through the clustering.
 
@@ -25,83 +28,35 @@ from __future__ import annotations
 
 import torch
 
-from clusterfx.ops.clustering import METRIC_KEYS, ClusteringSpec, cluster_with
+from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common.checks import compute_dtype
 from clusterfx.ops.sequence_parallel.common import comm
+from clusterfx.ops.sequence_parallel.common.clusters import (
+    assign,
+    broadcast,
+    centroids,
+    with_spare,
+)
 from clusterfx.ops.sequence_parallel.common.layout import SeqLayout
 from clusterfx.ops.sequence_parallel.common.ring import ring_backward, ring_forward
 
 
-def ring_metric(k: torch.Tensor, heads: int, keep: torch.Tensor | None, layout: SeqLayout,
-                groups: comm.Groups, tag: str) -> torch.Tensor:
-    """The covariance of all S valid keys (as `attention_metric` of the gathered keys).
-    Shapes: k (B, Hk, Nb, D), keep (B, S) → (B, heads, D, D)."""
-    B, Hk, Nb, D = k.shape
-    positions = layout.block_positions(groups.ring_rank(), k.device)
-    step = -(-layout.seq_len // METRIC_KEYS)
-    w = (positions % step == 0).to(torch.float64)[None, :].expand(B, Nb)
-    if keep is not None:
-        w = w * keep.index_select(1, positions).to(torch.float64)
-    kf = k.to(torch.float64) * w[:, None, :, None]
-    stats = torch.cat([w.sum(1).view(B, 1, 1).expand(B, Hk, 1),  # n
-                       kf.sum(2),  # Σ w k  (B, Hk, D)
-                       (kf.transpose(-1, -2) @ k.to(torch.float64)).reshape(B, Hk, D * D)],
-                      dim=2)
-    if groups.ring > 1:
-        stats = comm.all_reduce(stats, groups.ring_pg(), groups.ring, groups.timeout, tag,
-                                "fwd")
-    n = stats[..., :1].clamp_min(1)[..., None]  # (B, Hk, 1, 1)
-    mean = stats[..., 1:1 + D, None] / n
-    cov = stats[..., 1 + D:].reshape(B, Hk, D, D) / n - mean @ mean.transpose(-1, -2)
-    cov = cov.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
-    return cov.repeat_interleave(heads // Hk, dim=1) if heads != Hk else cov
-
-
-def centroids(q: torch.Tensor, assignments: torch.Tensor, clusters: int):
-    """Q^c (B, H, C, D) in the compute dtype (0 for an empty cluster) and counts (B, H, C)."""
-    B, H, N, D = q.shape
-    cd = compute_dtype(q)
-    slots = (assignments + torch.arange(B * H, device=q.device).view(B, H, 1) * clusters)
-    slots = slots.reshape(-1)
-    sums = q.new_zeros(B * H * clusters, D, dtype=cd).index_add_(0, slots,
-                                                                 q.reshape(-1, D).to(cd))
-    counts = torch.bincount(slots, minlength=B * H * clusters).to(cd)
-    qc = sums / counts.clamp_min(1)[:, None]
-    return qc.view(B, H, clusters, D), counts.view(B, H, clusters)
-
-
-def _broadcast(xc: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
-    """Each query's cluster row: xc (B, H, C, E), assignments (B, H, N) → (B, H, N, E)."""
-    return torch.gather(xc, 2, assignments[..., None].expand(*assignments.shape, xc.shape[-1]))
-
-
-def assign(q, k, keep, spec: ClusteringSpec, layout: SeqLayout, groups: comm.Groups,
-           impl: str, tag: str) -> torch.Tensor:
-    """Cluster assignments (B, H, Nb) of this ring block's queries."""
-    metric = centre = None
-    if spec.metric == "attention":
-        metric = ring_metric(k, q.shape[1], keep, layout, groups, tag)
-        if keep is not None:
-            local = keep.index_select(1, layout.block_positions(groups.ring_rank(), q.device))
-            centre = local[:, None, :].expand(q.shape[:3])
-    assignments, _ = cluster_with(q, spec, metric=metric, centre_mask=centre, impl=impl)
-    return assignments
-
-
 def forward(q, k, v, keep, scale: float, spec: ClusteringSpec, layout: SeqLayout,
             groups: comm.Groups, kernels, impl: str, tag: str):
-    """(out, assignments, centroid out, centroid lse)."""
-    assignments = assign(q, k, keep, spec, layout, groups, impl, tag)
-    qc, _ = centroids(q, assignments, spec.clusters)
+    """(out, assignments (B, H, Nb) in [0, C], centroid out, centroid lse) with C + 1
+    clusters (`with_spare`)."""
+    assignments = assign(q, k, keep, spec, layout, groups, impl, tag, spare=True)
+    qc, _ = centroids(q, assignments, with_spare(spec.clusters))
     mask = None if keep is None else keep[:, None, None, :]
     oc, lse = ring_forward(qc.to(q.dtype), k, v, mask, False, scale, layout, groups, kernels,
                            tag)
-    return _broadcast(oc, assignments), assignments, oc, lse
+    return broadcast(oc, assignments), assignments, oc, lse
 
 
 def backward(dout, q, k, v, keep, assignments, oc, lse, scale: float, clusters: int,
              layout: SeqLayout, groups: comm.Groups, kernels, tag: str):
-    """(dq, dk, dv) of `forward` with the assignments held fixed."""
+    """(dq, dk, dv) of `forward` with the assignments held fixed; `clusters` counts the
+    spare one."""
     B, H, N, Dv = dout.shape
     cd = compute_dtype(q)
     qc, counts = centroids(q, assignments, clusters)
@@ -111,5 +66,5 @@ def backward(dout, q, k, v, keep, assignments, oc, lse, scale: float, clusters: 
     mask = None if keep is None else keep[:, None, None, :]
     dqc, dk, dv = ring_backward(doc.to(q.dtype), qc.to(q.dtype), k, v, oc, lse, mask, False,
                                 scale, layout, groups, kernels, tag)
-    dq = _broadcast(dqc.to(cd) / counts.clamp_min(1)[..., None], assignments)
+    dq = broadcast(dqc.to(cd) / counts.clamp_min(1)[..., None], assignments)
     return dq.to(q.dtype), dk, dv

@@ -38,8 +38,8 @@ from clusterfx.ops.clustering import ClusteringSpec, attention_metric
 from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.checks import compute_dtype
 from clusterfx.ops.sequence_parallel import global_clustered
-from clusterfx.ops.sequence_parallel.clustered import ring_metric
 from clusterfx.ops.sequence_parallel.common import ring as ring_mod
+from clusterfx.ops.sequence_parallel.common.clusters import ring_metric
 from clusterfx.ops.sequence_parallel.registration import CONDITIONAL_PATHS, kernels, unpack
 
 PATHS = (*CONDITIONAL_PATHS, "exact: non-finite keys or values")

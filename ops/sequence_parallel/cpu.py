@@ -2,7 +2,8 @@
 (`aten._scaled_dot_product_flash_attention_for_cpu` and its backward), which return and take
 the log-sum-exp and never materialise a block's Nq × Nk scores. Any device: on other devices,
 and where that kernel cannot take the block (value head dim ≠ query head dim), the blocks run
-the plain-torch math of `common` (memory Nq × Nk per block).
+the plain-torch math of `common` (memory Nq × Nk per block); so does a backward with a
+gradient into lse (i-clustered's centroids, a few rows per block).
 
 Inputs run in the compute dtype (float64, else float32), so that each block's output and lse
 are exact before the fp32 merge. The fused kernel gives a row whose keys are all masked
@@ -53,9 +54,9 @@ def block_forward(q, k, v, bias, scale: float, causal: bool):
     return out, lse
 
 
-def block_backward(dout, q, k, v, out, lse, bias, scale: float, causal: bool):
-    if not _fused(q, v):
-        return math_block_backward(dout, q, k, v, out, lse, bias, scale, causal)
+def block_backward(dout, q, k, v, out, lse, bias, scale: float, causal: bool, grad_lse=None):
+    if grad_lse is not None or not _fused(q, v):  # the fused kernel takes no lse gradient
+        return math_block_backward(dout, q, k, v, out, lse, bias, scale, causal, grad_lse)
     cd = compute_dtype(q)
     dout, q, k, v, out, bias = _cast(cd, dout, q, k, v, out, bias)
     if bias is not None and causal:

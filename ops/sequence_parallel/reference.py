@@ -14,5 +14,5 @@ def block_forward(q, k, v, bias, scale: float, causal: bool):
     return math_block_forward(q, k, v, bias, scale, causal)
 
 
-def block_backward(dout, q, k, v, out, lse, bias, scale: float, causal: bool):
-    return math_block_backward(dout, q, k, v, out, lse, bias, scale, causal)
+def block_backward(dout, q, k, v, out, lse, bias, scale: float, causal: bool, grad_lse=None):
+    return math_block_backward(dout, q, k, v, out, lse, bias, scale, causal, grad_lse)

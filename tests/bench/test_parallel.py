@@ -17,6 +17,7 @@ ARGS = {"heads": 8, "kv_heads": 8, "dim": 64}
     (["--heads", "6"], r"--heads \(6\) must be divisible by --world"),
     (["--lengths", "100"], r"--lengths: 100 must be divisible by 2·world = 8"),
     (["--steps", "0"], r"--steps \(0\) must be >= 1"),
+    (["--topk", "0"], r"--topk \(0\) must be >= 1"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     assert main(["bench", "parallel", *argv]) == 2
@@ -38,6 +39,9 @@ def test_formulas_per_layer():
     glob = formula_bytes(S, 1, 4, {**ARGS, "clusters": 100}, method="global")
     assert 0 < glob < formula_bytes(S, 1, 4, ARGS) / 10
     assert formula_bytes(S, 4, 1, ARGS, method="global") == formula_bytes(S, 4, 1, ARGS)
+    # improved clustered sends nothing more: its top-k keys are copied from the passing blocks
+    assert formula_bytes(S, 1, 4, ARGS, method="improved") == formula_bytes(
+        S, 1, 4, ARGS, method="clustered")
 
 
 @pytest.mark.distributed

@@ -160,9 +160,10 @@ C = 3  # clusters per (batch, head, ring rank)
 def clustered_cases(rank, world, cases, seq_len):
     """Clustered attention over (u, r): outputs and q/k/v gradients against single-process
     clustered attention from the same assignments (ring rank i's cluster j = global cluster
-    i·C + j); the metric reduced over the ring against `attention_metric` of the gathered
-    keys; the assignments against single-process clustering of the same queries with the
-    same seed and that metric."""
+    i·(C+1) + j: C per rank and its spare cluster of padded queries); the metric reduced over
+    the ring against `attention_metric` of the gathered keys; the assignments against
+    single-process clustering of the same queries (padded ones replaced by 0, then put in
+    the spare cluster C) with the same seed and that metric."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -199,9 +200,9 @@ def clustered_cases(rank, world, cases, seq_len):
         h = H // u
         for ri, uj, a in sp_ranks:
             block = layout.block_positions(ri)
-            global_assign[:, uj * h:(uj + 1) * h][:, :, block] = a + ri * C
+            global_assign[:, uj * h:(uj + 1) * h][:, :, block] = a + ri * (C + 1)
         want_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        want = clustered_attention_from_assignments(*want_leaves, global_assign, r * C,
+        want = clustered_attention_from_assignments(*want_leaves, global_assign, r * (C + 1),
                                                     key_padding_mask=keep, scale=0.3,
                                                     impl="reference")
         want.backward(g)
@@ -219,7 +220,9 @@ def clustered_cases(rank, world, cases, seq_len):
         qb = q[:, j * h:(j + 1) * h][:, :, block]
         centre = keep[:, None, block].expand(qb.shape[:3])
         spec = ClusteringSpec(C, seed=7)
-        again, _ = cluster_with(qb, spec, metric=metric, centre_mask=centre)
+        again, _ = cluster_with(qb.masked_fill(~centre[..., None], 0.0), spec, metric=metric,
+                                centre_mask=centre)
+        again = again.masked_fill(~centre, C)
         results.append({"errors": errs,
                         "metric": float((ring_m - metric).abs().max() / metric.abs().max()),
                         "same_assignments": bool(torch.equal(again, assignments))})

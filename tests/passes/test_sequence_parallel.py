@@ -187,6 +187,31 @@ def test_causal_clustered_composes_with_ulysses_and_declines_a_ring_with_the_rea
     assert all(a.target is ops.sp_gather.default for a in op.args[:3])
 
 
+def test_improved_clustered_runs_over_a_ring_and_causal_declines_with_the_reason():
+    """An encoder under ImprovedClustered: its conditional op becomes the ring i-clustered op
+    (topk passed on; the same collectives planned as ring clustered: K/V, the metric's
+    all-reduce, dK/dV); a decoder lowers to the causal op, which still runs gathered."""
+    torch.manual_seed(0)
+    model = bert_tiny(dropout=0.0, depth=1).eval()
+    inputs = example_inputs("bert", model=model, seq_len=16)
+    policy = cfx.ImprovedClustered(clusters=3, topk=5)
+    gm, sites, result = sp_graph(model, inputs, ring=2, policy=policy)
+    ring = next(n for n in gm.graph.nodes
+                if n.target is ops.sp_ring_improved_clustered_attention.default)
+    assert ring.args[12] == 5 and ring.args[3].target is ops.sp_gather.default
+    assert count_targets(gm, ops.conditional_attention.default) == 0
+    assert [s.sequence_parallel.mode for s in sites] == ["ring"] and not result.declines
+    planned = {(c.name, c.phase) for c in sites[0].sequence_parallel.collectives}
+    assert planned == {("ring k,v", "fwd"), ("ring k,v", "bwd"), ("ring dk,dv", "bwd"),
+                       ("all_reduce", "fwd")}
+    model, inputs = _gpt()
+    gm, sites, result = sp_graph(model, inputs, ring=2, policy=cfx.ImprovedClustered(
+        clusters=3, topk=4, min_length=1))
+    assert {s.sequence_parallel.mode for s in sites} == {"gathered"}
+    assert "causal clustered attention over a ring" in sites[0].sequence_parallel.reason
+    assert len(result.declines) == 2
+
+
 @pytest.mark.parametrize("clustering", ["global", "local"])
 def test_clustered_runs_locally_after_the_all_to_all(clustering):
     """Ulysses alone: the op after the all-to-all is the global one (which draws the

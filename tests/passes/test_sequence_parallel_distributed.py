@@ -68,16 +68,20 @@ def _model(name: str):
     raise AssertionError(name)
 
 
-def _run(fn, inputs, params):
-    """Output and parameter gradients of a fixed random projection of it."""
+def _run(fn, inputs, params, keep=None):
+    """Output and parameter gradients of a fixed random projection of it (zero at the
+    positions `keep` (B, S) leaves out, and those outputs zeroed, when given)."""
     import torch
 
     for p in params:
         p.grad = None
     out = fn(*inputs)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    if keep is not None:
+        g = g * keep[..., None]
     (out * g).sum().backward()
-    return out.detach(), [None if p.grad is None else p.grad.clone() for p in params]
+    out = out.detach() if keep is None else out.detach() * keep[..., None]
+    return out, [None if p.grad is None else p.grad.clone() for p in params]
 
 
 def _policy(name):
@@ -88,7 +92,8 @@ def _policy(name):
             "topk": cfx.TopK(k=4),
             # a decoder: the causal clustered op (approximate path, and its exact path)
             "causal-clustered": cfx.Clustered(clusters=3, min_length=1),
-            "causal-exact": cfx.Clustered(clusters=3, min_length=1000)}[name]
+            "causal-exact": cfx.Clustered(clusters=3, min_length=1000),
+            "improved": cfx.ImprovedClustered(clusters=3, topk=4, seed=5)}[name]
 
 
 def model_cases(rank, world, cases):
@@ -109,11 +114,15 @@ def model_cases(rank, world, cases):
             spec = mesh if case["device_mesh"] == "alone" else (mesh, spec)
         compiled = cfx.compile(model, policy=policy, backend=case["backend"], mesh=spec)
         params = list(model.parameters())
-        out, grads = _run(compiled, inputs, params)
-        approximate = case.get("policy") in ("clustered", "causal-clustered")
-        single = None if approximate else policy  # vs dense then
-        want, want_grads = _run(cfx.compile(model, policy=single, backend=case["backend"]),
-                                inputs, params)
+        if case.get("policy") == "improved":  # vs one process given the same assignments
+            out, grads, want, want_grads = _improved_against_one_process(
+                model, compiled, inputs, params, case, world)
+        else:
+            out, grads = _run(compiled, inputs, params)
+            approximate = case.get("policy") in ("clustered", "causal-clustered")
+            single = None if approximate else policy  # vs dense then
+            want, want_grads = _run(cfx.compile(model, policy=single,
+                                                backend=case["backend"]), inputs, params)
         scale = max(float(g.abs().max()) for g in want_grads if g is not None)
         report = cfx.explain(compiled)
         sites = []
@@ -138,12 +147,68 @@ def model_cases(rank, world, cases):
     return results
 
 
+def _improved_against_one_process(model, compiled, inputs, params, case, world):
+    """Runs `compiled` (ImprovedClustered over a ring, u = 1), recording each site's
+    assignments on every ring rank; then the model compiled on one process with r·C clusters,
+    its clustering replaced by the recorded assignments gathered over the sequence (ring
+    rank i's cluster j = global cluster i·C + j), in the same site order. Padded queries sit
+    in a spare cluster on both sides, one per ring rank here and one in all there, so the
+    outputs at padded positions differ (no model reads them: they are masked as keys and
+    kept out of every valid centroid); both runs are compared at the kept positions, with
+    the gradients of a projection that is zero at the padded ones."""
+    import torch.distributed as dist
+
+    import clusterfx as cfx
+    from clusterfx.ops.clustered import registration
+    from clusterfx.ops.sequence_parallel import improved
+    from clusterfx.ops.sequence_parallel.common.layout import SeqLayout
+
+    policy, r = _policy("improved"), case["r"]
+    forward, recorded = improved.forward, []
+
+    def recording(*args, **kwargs):
+        result = forward(*args, **kwargs)
+        recorded.append(result[1])
+        return result
+
+    keep = inputs[1].bool()  # BERT's attention mask (B, S)
+    improved.forward = recording
+    try:
+        out, grads = _run(compiled, inputs, params, keep)
+    finally:
+        improved.forward = forward
+    pieces = [None] * world
+    dist.all_gather_object(pieces, recorded)
+    layout = SeqLayout(inputs[0].shape[1], 1, r, case.get("lb", "zigzag") == "zigzag")
+    first = dist.get_rank() // r * r
+    calls = []
+    for site, local in enumerate(recorded):
+        whole = local.new_zeros(*local.shape[:2], layout.seq_len)
+        for ring_rank in range(r):
+            a = pieces[first + ring_rank][site]  # the spare cluster (C) is padding
+            whole[:, :, layout.block_positions(ring_rank)] = (
+                a + ring_rank * policy.clusters).masked_fill(a == policy.clusters, 0)
+        calls.append(whole)
+    cluster, replayed = registration.cluster, iter(calls)
+    registration.cluster = lambda *args, **kwargs: next(replayed)
+    try:
+        single = cfx.ImprovedClustered(clusters=r * policy.clusters, topk=policy.topk,
+                                       seed=policy.seed)
+        want, want_grads = _run(cfx.compile(model, policy=single, backend=case["backend"]),
+                                inputs, params, keep)
+    finally:
+        registration.cluster = cluster
+    assert next(replayed, None) is None, "a site clustered more often than recorded"
+    return out, grads, want, want_grads
+
+
 # The distributed tier (scripts/test.sh, ~4 min on 2 loaded cores) runs the essential cases:
 # Ulysses (GQA), ring (causal, zigzag), clustered over a ring, USP. The rest are `slow` too:
 # `pytest -m distributed` runs them all.
 TWO = [dict(model="gpt-gqa", u=2, r=1, backend="eager"),
        dict(model="gpt", u=1, r=2, backend="eager"),
-       dict(model="bert", u=1, r=2, backend="eager", policy="clustered")]
+       dict(model="bert", u=1, r=2, backend="eager", policy="clustered"),
+       dict(model="bert", u=1, r=2, backend="eager", policy="improved")]
 TWO_MORE = [dict(model="bert", u=1, r=2, backend="aot_eager"),
             dict(model="gpt-mqa", u=2, r=1, backend="inductor"),
             dict(model="bert", u=1, r=2, backend="eager", policy="clustered-exact"),
@@ -201,6 +266,10 @@ def _check(results, index, case):
                            for site in res["sites"]), res["sites"]
         else:
             assert res["out"] <= 1e-10 and res["grads"] <= 1e-10 and not res["missing"], res
+        if case.get("policy") == "improved":  # the ring i-clustered path ran, not gathered
+            assert all(site["paths"] and all(p.startswith("approximate [ring ")
+                                             for p in site["paths"])
+                       for site in res["sites"]), res["sites"]
         assert len(res["sites"]) == 2
         for site in res["sites"]:
             assert site["mode"] == mode, (site, results[0][index]["report"])

@@ -18,6 +18,8 @@ Backward of one block, given the *global* out O and lse (so that p is the final 
     p = e^{s - lse},  dv = pᵀ dO,  dp = dO vᵀ,  δ = rowsum(dO ⊙ O),  ds = p ⊙ (dp - δ)
     dq = scale · ds k,  dk = scale · dsᵀ q
 
+and with a gradient g_lse flowing into lse too (∂lse/∂s = p): ds = p ⊙ (dp - (δ - g_lse)).
+
 Shapes: q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) with H a multiple of Hk (query
 head h reads kv head h // (H/Hk)), bias broadcastable to (B, H, Nq, Nk) → out (B, H, Nq, Dv),
 lse (B, H, Nq), both in the compute dtype (float64 for float64, float32 otherwise).
@@ -53,13 +55,17 @@ def block_scores(q, k, bias, scale: float, causal: bool) -> torch.Tensor:
     return s
 
 
-def math_block_forward(q, k, v, bias, scale: float, causal: bool):
-    """(out, lse) of one block, materialising its Nq × Nk scores."""
-    s = block_scores(q, k, bias, scale, causal)
+def scores_forward(s, v):
+    """(out, lse) of one block from its scores s (B, H, Nq, Nk) in the compute dtype."""
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-    out = p @ expand_kv(v, q.shape[1]).to(s.dtype)
+    out = p @ expand_kv(v, s.shape[1]).to(s.dtype)
     return out, lse
+
+
+def math_block_forward(q, k, v, bias, scale: float, causal: bool):
+    """(out, lse) of one block, materialising its Nq × Nk scores."""
+    return scores_forward(block_scores(q, k, bias, scale, causal), v)
 
 
 def safe_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -67,8 +73,11 @@ def safe_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
 
-def math_block_backward(dout, q, k, v, out, lse, bias, scale: float, causal: bool):
-    """(dq, dk, dv) of one block in the compute dtype, given the global out and lse."""
+def math_block_backward(dout, q, k, v, out, lse, bias, scale: float, causal: bool,
+                        grad_lse=None):
+    """(dq, dk, dv) of one block in the compute dtype, given the global out and lse, and
+    optionally a gradient `grad_lse` (B, H, Nq) flowing into lse (∂lse/∂s = p, so it joins
+    δ: ds = p ⊙ (dp - (δ - g_lse)))."""
     cd = compute_dtype(q)
     H, Hk = q.shape[1], k.shape[1]
     s = block_scores(q, k, bias, scale, causal)
@@ -78,6 +87,8 @@ def math_block_backward(dout, q, k, v, out, lse, bias, scale: float, causal: boo
     dv = p.transpose(-1, -2) @ do
     dp = do @ ve.transpose(-1, -2)
     delta = (do * out.to(cd)).sum(-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(cd)[..., None]
     ds = p * (dp - delta)
     dq = (ds @ expand_kv(k, H).to(cd)) * scale
     dk = (ds.transpose(-1, -2) @ q.to(cd)) * scale

@@ -132,8 +132,14 @@ def ring_forward(q, k, v, mask, causal: bool, scale: float, layout: SeqLayout,
 
 
 def ring_backward(dout, q, k, v, out, lse, mask, causal: bool, scale: float,
-                  layout: SeqLayout, groups: comm.Groups, kernels, tag: str = ""):
-    """(dq, dk, dv) of `ring_forward`; dk, dv are those of the local ring block's keys."""
+                  layout: SeqLayout, groups: comm.Groups, kernels, tag: str = "",
+                  grad_lse=None, add_key_grads=None):
+    """(dq, dk, dv) of `ring_forward`; dk, dv are those of the local ring block's keys.
+
+    `grad_lse` (B, H, Nq): a gradient flowing into lse too (the blocks' ds gain g_lse·p).
+    `add_key_grads(j, dk, dv)`: called while ring block j's accumulators (B, Hk, S/r, ·)
+    are here, to add gradients this rank holds for that block's keys (they travel home with
+    the rest)."""
     ring = _Ring(groups, tag, "bwd")
     cd = compute_dtype(q)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
@@ -146,13 +152,16 @@ def ring_backward(dout, q, k, v, out, lse, mask, causal: bool, scale: float,
         if shift is not None:
             shift.start([kk, vv])
         for kind, qr, kr, qpos, kpos in pairs(layout, ring.i, j, causal, q.device):
+            extra = {} if grad_lse is None else {"grad_lse": grad_lse[:, :, qr]}
             gq, gk, gv = kernels.block_backward(
                 dout[:, :, qr], q[:, :, qr], kk[:, :, kr], vv[:, :, kr], out[:, :, qr],
                 lse[:, :, qr], _bias(mask, qpos, kpos, cd, layout, ring.i), scale,
-                kind == DIAGONAL)
+                kind == DIAGONAL, **extra)
             dq[:, :, qr] += gq
             dk[:, :, kr] += gk
             dv[:, :, kr] += gv
+        if add_key_grads is not None:
+            add_key_grads(j, dk, dv)
         grads = ring.shift("dk,dv")
         if grads is not None:  # the accumulators follow their block; r hops bring them home
             grads.start([dk, dv])
