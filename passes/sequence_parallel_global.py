@@ -13,8 +13,12 @@ numbers for all H heads, as one process does, where the plain op would draw them
     r = torch.ops.clusterfx.sp_global_clustered_attention(q, k, v, mask, 0.125, 100, 5, 63,
             7, 'hamming', 1, 'attention', 0, *mesh, 'auto', tag, 'c0/frame0/0#0')
 
+Improved clustered attention under Ulysses alone becomes `sp_ulysses_conditional_attention`
+(ops/sequence_parallel/ulysses_conditional.py): `conditional_attention` with the random draw
+of all H heads, each rank keeping its heads' rows (no communication); over a ring it keeps
+`conditional_ring` (per-rank clusters), whose clustering is no one process's anyway.
 "local" keeps `sequence_parallel_clustered.conditional_ring` (per-rank clusters, K/V rotate)
-and the plain op under Ulysses alone. Improved clustered attention is not handled here.
+and the plain op under Ulysses alone.
 
 The site's planned collectives (`global_volumes`) replace the K/V rotation of a ring; every
 all-reduce of the op is counted, so the report's bytes equal what is sent.
@@ -34,7 +38,7 @@ from clusterfx.passes.analysis.sequence_shards import gshape, gval
 from clusterfx.passes.sequence_parallel_clustered import conditional_ring
 
 # conditional_attention(q, k, v, mask, scale, method, *spec (7), topk, min_length, impl, site)
-_SCALE, _METHOD, _SPEC, _MIN_LENGTH, _SITE = 4, 5, slice(6, 13), 14, 16
+_SCALE, _METHOD, _SPEC, _MIN_LENGTH, _IMPL, _SITE = 4, 5, slice(6, 13), 14, 15, 16
 COLLECTIVES, DETAIL = "sp_collectives", "sp_detail"  # node meta read by the pass's plan
 
 
@@ -71,10 +75,23 @@ def global_ring(b, node: fx.Node, q, k, v, mask) -> fx.Node:
 
 
 def global_ulysses(b, node: fx.Node, q, k, v, mask) -> fx.Node | None:
-    """Under Ulysses alone: the global op for clustered attention (None: the op as it is)."""
-    if not uses_global(node, b.mesh):
+    """Under Ulysses alone: the global op for clustered attention, `conditional_attention`
+    with one process's random draw for improved clustered attention (None, "local": the op
+    as it is, drawing for its H/u heads only)."""
+    if b.mesh.ring_clustering != "global":
         return None
-    return _emit(b, node, q, k, v, mask)
+    if uses_global(node, b.mesh):
+        return _emit(b, node, q, k, v, mask)
+    args = node.args
+    result = b.call(torch.ops.clusterfx.sp_ulysses_conditional_attention.default,
+                    (q, k, v, mask, *args[_SCALE:_IMPL], *b.mesh_args, args[_IMPL],
+                     args[_SITE]))
+    out = b.call(operator.getitem, (result, 0))
+    S, u = b.layout.seq_len, b.mesh.ulysses
+    out.meta[DETAIL] = (f"exact attention (S={S} < min_length)" if S < args[_MIN_LENGTH] else
+                        f"one process's clustering: {u} head groups, each clustering its "
+                        f"heads with the random draw of all heads, no extra communication")
+    return out
 
 
 def global_volumes(node: fx.Node, mesh, seq_len: int) -> list[tuple[str, str, str, int, int]]:

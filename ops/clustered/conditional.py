@@ -75,6 +75,18 @@ def conditional_attention(
     clusters: int, iterations: int, bits: int, seed: int, clustering: str, refine: int,
     metric: str, topk: int, min_length: int, impl: str, site: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return conditional_forward(q, k, v, attn_mask, scale, method, clusters, iterations, bits,
+                               seed, clustering, refine, metric, topk, min_length, impl, site)
+
+
+def conditional_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                        scale: float, method: str, clusters: int, iterations: int, bits: int,
+                        seed: int, clustering: str, refine: int, metric: str, topk: int,
+                        min_length: int, impl: str, site: str,
+                        draw_rows: tuple[int, Tensor] | None = None):
+    """The kernel of `conditional_attention` (its outputs, paths and telemetry); with
+    ``draw_rows`` (``clustering.cluster_queries``) the clustering takes the random choices of
+    these B·H rows of a larger batch (sequence parallelism: a Ulysses rank's heads)."""
     if method not in METHODS:
         raise ValueError(f"method ({method!r}) must be one of {METHODS}")
     spec = ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
@@ -92,6 +104,14 @@ def conditional_attention(
                      path=PATHS[path] + ("" if path else f" [{backend}]"))
     if path:
         out = _dense(q, k, v, attn_mask, scale)
+    elif draw_rows is not None:  # the ops' own code, with the clustering's rows of the draw
+        checks.check_attention_inputs(q, k, v, keep, scale)
+        if method != "clustered":
+            checks.check_topk(topk)
+        out, assignments, found = registration.run_clustered(
+            f"{method}_attention", q, k, v, keep, scale, spec, impl,
+            None if method == "clustered" else topk, draw_rows)
+        idx = idx if found is None else found
     elif method == "clustered":
         out, assignments = torch.ops.clusterfx.clustered_attention(
             q, k, v, keep, scale, *spec.to_args(), impl)

@@ -93,9 +93,11 @@ def attention_grads(impl: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 
 def cluster(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, spec: ClusteringSpec,
-            backend: str, excluded: Tensor | None = None) -> Tensor:
+            backend: str, excluded: Tensor | None = None,
+            draw_rows: tuple[int, Tensor] | None = None) -> Tensor:
     """Cluster assignments (B, H, Nq) of the queries, in the geometry ``spec.metric`` names.
-    ``excluded`` (B, H, Nq) queries (nonfinite.py) do not move the hash's centre."""
+    ``excluded`` (B, H, Nq) queries (nonfinite.py) do not move the hash's centre;
+    ``draw_rows``: as ``clustering.cluster_queries`` (these B·H rows of a larger batch)."""
     m = centre = None
     if spec.metric == "attention":
         m = attention_metric(k, q.shape[1], key_padding_mask)
@@ -104,15 +106,19 @@ def cluster(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, spec: Cluster
             centre = key_padding_mask[:, None, :].expand(q.shape[:3])
         if excluded is not None:
             centre = ~excluded if centre is None else centre & ~excluded
-    assignments, _ = cluster_with(q, spec, metric=m, centre_mask=centre, impl=backend)
+    assignments, _ = cluster_with(q, spec, metric=m, centre_mask=centre, impl=backend,
+                                  draw_rows=draw_rows)
     return assignments
 
 
 def run_clustered(name: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None,
-                  scale: float, spec: ClusteringSpec, impl: str,
-                  topk: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                  scale: float, spec: ClusteringSpec, impl: str, topk: int | None = None,
+                  draw_rows: tuple[int, Tensor] | None = None,
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Clustered (``topk`` None) or i-clustered attention with clustering inside, with the
-    degenerate-input, clamp and non-finite rules applied around the implementation:
+    degenerate-input, clamp and non-finite rules applied around the implementation
+    (``draw_rows``: the clustering's random choices of these rows of a larger batch, see
+    ``cluster``):
     (out, assignments (B, H, Nq) with excluded queries in the spare cluster C, top-k indices
     (B, H, C + 1, k) or None). C = min(clusters, Nq); the spare cluster C is always counted
     (empty unless some query is excluded), so that shapes do not depend on the data."""
@@ -129,8 +135,8 @@ def run_clustered(name: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | Non
         return _exact_attention(q, k, v, keep, scale), _no_assignments(q), idx
     backend = _backend(name, impl, q)
     (q_cluster, q), (k, v) = guard.queries(q), guard.keys_values(k, v, keep)
-    assignments = guard.assign(cluster(q_cluster, k, keep, spec, backend, guard.excluded),
-                               spare)
+    assignments = guard.assign(cluster(q_cluster, k, keep, spec, backend, guard.excluded,
+                                       draw_rows), spare)
     clusters = spare + (guard.excluded is not None)
     mod = implementation(backend)
     if topk is None:

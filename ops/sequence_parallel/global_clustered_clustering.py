@@ -67,6 +67,17 @@ def _hash_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def head_rows(batch: int, heads: int, groups: comm.Groups,
+              device: torch.device | None = None) -> tuple[int, torch.Tensor]:
+    """(B·H, rows): this Ulysses rank's (batch, head) rows among the B·H of one process, H =
+    heads·u. After the all-to-all rank j holds heads [j·heads, (j+1)·heads) of every batch
+    element (GQA: its K/V heads are those of these query heads, replicated when Hk < u), so
+    row b·H + j·heads + i. Shapes: rows (B·heads,) int64, batch-major."""
+    total, head0 = heads * groups.ulysses, heads * groups.ulysses_rank()
+    b = torch.arange(batch, device=device)[:, None] * total
+    return batch * total, (b + head0 + torch.arange(heads, device=device)).reshape(-1)
+
+
 class _Rows:
     """This rank's rows of the global draw: heads [head0, head0 + h) of every batch element,
     and where each global position lives locally (-1: on another ring rank)."""
@@ -74,12 +85,10 @@ class _Rows:
     def __init__(self, q: torch.Tensor, layout: SeqLayout, groups: comm.Groups):
         B, h, Nb, _ = q.shape
         self.heads = h * groups.ulysses
-        self.head0 = h * groups.ulysses_rank()
         self.positions = layout.block_positions(groups.ring_rank(), q.device)
         self.local = torch.full((layout.seq_len,), -1, dtype=torch.int64, device=q.device)
         self.local[self.positions] = torch.arange(Nb, device=q.device)
-        b = torch.arange(B, device=q.device)[:, None] * self.heads
-        self.rows = (b + self.head0 + torch.arange(h, device=q.device)).reshape(-1)  # (B·h,)
+        self.rows = head_rows(B, h, groups, q.device)[1]  # (B·h,)
         self.checksum = 0  # of the whole random draw (see `_seed_values`)
 
     def take(self, x: torch.Tensor, dim: int) -> torch.Tensor:

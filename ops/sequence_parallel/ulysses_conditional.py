@@ -1,0 +1,75 @@
+"""A clustered site under Ulysses alone (r = 1) with one process's random draw (namespace
+``clusterfx``; ``*mesh`` as in `registration`):
+
+    sp_ulysses_conditional_attention(q, k, v, mask, scale, method, *spec (7), topk,
+                                     min_length, *mesh, impl, site)
+        -> (out, assignments, path, idx)                  (as `conditional_attention`)
+        bwd: `conditional_attention_backward` (nothing crosses ranks: every head is local)
+
+After the all-to-all a Ulysses rank holds the whole sequence of H/u heads and runs exactly
+`conditional_attention` on them (the same paths, telemetry labels, non-finite rules, fused
+kernels for the clustering and for the attention given the assignments), except that the
+clustering's random choices are those one process draws for all B·H rows, of which the rank
+keeps the rows of its heads (`global_clustered_clustering.head_rows`; the hyperplanes are
+shared, the k-means plan is per row). So with a fixed seed its assignments are one process's,
+and its output and gradients equal one process's up to rounding. No communication.
+
+What the draw cannot make equal: a kept key or value that is not finite makes one process run
+exact attention for every head, here only for the heads of the rank that holds it (each rank
+sees its own heads' keys; the other head groups stay clustered).
+
+Shapes: q (B, h, S, D), k (B, hk, S, D), v (B, hk, S, Dv) (h = H/u heads, hk = Hk·rep/u),
+mask over all S key positions → out (B, h, S, Dv), assignments (B, h, S) int64, path ()
+int64, idx (B, h, C' + 1, min(topk, S)) int64 (`conditional_attention`'s).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from clusterfx.ops.clustered import conditional as single
+from clusterfx.ops.sequence_parallel.global_clustered_clustering import head_rows
+from clusterfx.ops.sequence_parallel.registration import unpack
+
+
+@torch.library.custom_op("clusterfx::sp_ulysses_conditional_attention", mutates_args=())
+def sp_ulysses_conditional_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, method: str,
+    clusters: int, iterations: int, bits: int, seed: int, clustering: str, refine: int,
+    metric: str, topk: int, min_length: int, seq_len: int, zigzag: bool, ulysses: int,
+    ring: int, ulysses_group: str, ring_group: str, timeout: float, impl: str, site: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
+    if groups.ring != 1:
+        raise ValueError(f"sp_ulysses_conditional_attention runs under Ulysses alone; got a "
+                         f"ring of {groups.ring} ranks")
+    rows = head_rows(q.shape[0], q.shape[1], groups, q.device)
+    return single.conditional_forward(q, k, v, mask, scale, method, clusters, iterations, bits,
+                                      seed, clustering, refine, metric, topk, min_length, impl,
+                                      site, draw_rows=rows)
+
+
+@sp_ulysses_conditional_attention.register_fake
+def _(q, k, v, mask, scale, method, clusters, iterations, bits, seed, clustering, refine,
+      metric, topk, min_length, *mesh_impl_site):
+    return (q.new_empty(*q.shape[:3], v.shape[-1]),
+            q.new_empty(q.shape[:3], dtype=torch.int64), q.new_empty((), dtype=torch.int64),
+            q.new_empty(single._idx_shape(q, k, clusters, topk), dtype=torch.int64))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, mask, scale, method, clusters = inputs[:7]
+    topk, impl = inputs[13], inputs[22]
+    ctx.save_for_backward(q, k, v, mask, output[1], output[2], output[3])
+    ctx.args = (scale, method, clusters, topk, impl)
+
+
+def _backward(ctx, grad, _grad_assignments, _grad_path, _grad_idx):
+    q, k, v, mask, assignments, path, idx = ctx.saved_tensors
+    dq, dk, dv = torch.ops.clusterfx.conditional_attention_backward(
+        grad, q, k, v, mask, assignments, path, idx, *ctx.args)
+    return (dq, dk, dv) + (None,) * 21
+
+
+sp_ulysses_conditional_attention.register_autograd(_backward, setup_context=_setup)
