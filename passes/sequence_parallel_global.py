@@ -17,8 +17,10 @@ Improved clustered attention under Ulysses alone becomes `sp_ulysses_conditional
 (ops/sequence_parallel/ulysses_conditional.py): `conditional_attention` with the random draw
 of all H heads, each rank keeping its heads' rows (no communication); over a ring it keeps
 `conditional_ring` (per-rank clusters), whose clustering is no one process's anyway.
+The causal clustered op (decoders) under Ulysses alone becomes
+`sp_ulysses_causal_conditional_attention` alike (`causal_ulysses`).
 "local" keeps `sequence_parallel_clustered.conditional_ring` (per-rank clusters, K/V rotate)
-and the plain op under Ulysses alone.
+and the plain ops under Ulysses alone.
 
 The site's planned collectives (`global_volumes`) replace the K/V rotation of a ring; every
 all-reduce of the op is counted, so the report's bytes equal what is sent.
@@ -91,6 +93,24 @@ def global_ulysses(b, node: fx.Node, q, k, v, mask) -> fx.Node | None:
     out.meta[DETAIL] = (f"exact attention (S={S} < min_length)" if S < args[_MIN_LENGTH] else
                         f"one process's clustering: {u} head groups, each clustering its "
                         f"heads with the random draw of all heads, no extra communication")
+    return out
+
+
+def causal_ulysses(b, node: fx.Node, q, k, v, mask) -> fx.Node | None:
+    """Under Ulysses alone: `causal_conditional_attention` (what decoders lower to) with one
+    process's random draw (None, "local": the op as it is, drawing for its H/u heads)."""
+    if b.mesh.ring_clustering != "global":
+        return None
+    # causal_conditional_attention(q, k, v, mask, scale, method, *spec, topk, block,
+    #                              is_causal, causal_queries, min_length, impl, site)
+    args = node.args
+    result = b.call(torch.ops.clusterfx.sp_ulysses_causal_conditional_attention.default,
+                    (q, k, v, mask, *args[4:18], gshape(args[1])[1], *b.mesh_args, args[18],
+                     args[19]))
+    out = b.call(operator.getitem, (result, 0))
+    out.meta[DETAIL] = (f"one process's clustering: {b.mesh.ulysses} head groups, each "
+                        f"clustering its heads with the random draw of all heads, no extra "
+                        f"communication")
     return out
 
 

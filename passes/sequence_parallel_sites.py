@@ -33,7 +33,11 @@ from clusterfx.passes.sequence_parallel_clustered import (
     conditional_ring_check,
     conditional_ring_volumes,
 )
-from clusterfx.passes.sequence_parallel_global import global_ring, global_ulysses
+from clusterfx.passes.sequence_parallel_global import (
+    causal_ulysses,
+    global_ring,
+    global_ulysses,
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ register_site_op(torch.ops.clusterfx.conditional_attention.default, AttentionOp(
 #                              is_causal, causal_queries, min_length, impl, site)
 register_site_op(torch.ops.clusterfx.causal_conditional_attention.default, AttentionOp(
     mask=(3, None), causal=lambda n: bool(n.args[15]), tuple_output=True,
+    ulysses=causal_ulysses,
     no_ring="causal clustered attention over a ring would need its key clusters of earlier "
             "blocks (and their running sums) built across the rotating key blocks, which this "
             "build does not have (use ulysses alone for the causal clustered family: "

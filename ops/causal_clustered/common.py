@@ -79,13 +79,28 @@ class Plan:
     query_priority: torch.Tensor
 
 
+# (B·Hk, key rows (b·hk,), B·H, query rows (b·h,)): a call's rows among a larger batch's
+DrawRows = tuple[int, torch.Tensor, int, torch.Tensor]
+
+
 def draw_plan(seed: int, clustering: str, bits: int, dim: int, key_rows: int, nk: int,
-              query_rows: int, nq: int, device: torch.device) -> Plan:
+              query_rows: int, nq: int, device: torch.device,
+              draw_rows: DrawRows | None = None) -> Plan:
     """One generator seeded with ``seed`` (-1: torch's global RNG) draws the hyperplanes, then
-    the key priorities, then the query priorities."""
+    the key priorities, then the query priorities. ``draw_rows``: the call's key and query
+    rows are these rows of a batch of (B·Hk, B·H) rows, and take that batch's draw (sequence
+    parallelism: a Ulysses rank's heads among all heads)."""
     gen = None if seed == -1 else torch.Generator().manual_seed(seed)
     planes = torch.randn(bits if clustering == "hamming" else 0, dim, generator=gen,
                          dtype=torch.float64)
+    if draw_rows is not None:
+        key_total, krows, query_total, qrows = draw_rows
+        if (krows.numel(), qrows.numel()) != (key_rows, query_rows):
+            raise ValueError(f"draw_rows names {krows.numel()} key and {qrows.numel()} query "
+                             f"rows; the call has {key_rows} and {query_rows}")
+        kp = torch.rand(key_total, nk, generator=gen, dtype=torch.float64)[krows.cpu()]
+        qp = torch.rand(query_total, nq, generator=gen, dtype=torch.float64)[qrows.cpu()]
+        return Plan(planes.to(device), kp.to(device), qp.to(device))
     kp = torch.rand(key_rows, nk, generator=gen, dtype=torch.float64)
     qp = torch.rand(query_rows, nq, generator=gen, dtype=torch.float64)
     return Plan(planes.to(device), kp.to(device), qp.to(device))

@@ -40,7 +40,9 @@ from torch import Tensor
 
 from clusterfx.ops.attention import dense_attention
 from clusterfx.ops.causal_clustered import checks, guard, registration
+from clusterfx.ops.causal_clustered.common import DrawRows
 from clusterfx.ops.clustered import METHODS
+from clusterfx.ops.clustered.conditional import conditional_forward
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.dispatch import resolve_impl
@@ -115,6 +117,20 @@ def causal_conditional_attention(
     metric: str, topk: int, block: int, is_causal: bool, causal_queries: bool,
     min_length: int, impl: str, site: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return causal_conditional_forward(q, k, v, attn_mask, scale, method, clusters, iterations,
+                                      bits, seed, clustering, refine, metric, topk, block,
+                                      is_causal, causal_queries, min_length, impl, site)
+
+
+def causal_conditional_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                               scale: float, method: str, clusters: int, iterations: int,
+                               bits: int, seed: int, clustering: str, refine: int, metric: str,
+                               topk: int, block: int, is_causal: bool, causal_queries: bool,
+                               min_length: int, impl: str, site: str,
+                               draw_rows: DrawRows | None = None):
+    """The kernel of `causal_conditional_attention`; with ``draw_rows``
+    (``common.draw_plan``) every path's clustering takes the random draw of these key and
+    query rows of a larger batch (sequence parallelism: a Ulysses rank's heads)."""
     if method not in METHODS:
         raise ValueError(f"method ({method!r}) must be one of {METHODS}")
     spec = ClusteringSpec.from_args(clusters, iterations, bits, seed, clustering, refine, metric)
@@ -132,14 +148,20 @@ def causal_conditional_attention(
         telemetry.record("causal_conditional_attention", backend, site=site,
                          path=f"{PATHS[path]} [{backend}]")
         out, ka_run, qa, idx = registration.run(q, k, v, keep, scale, spec,
-                                                _topk(method, topk), block, path == 0, backend)
+                                                _topk(method, topk), block, path == 0, backend,
+                                                draw_rows)
         ka[:, :, :ka_run.shape[2]] = ka_run  # one epoch (slot 0) when every key is visible
     else:
         backend = resolve_impl(impl, q.device)
         telemetry.record("causal_conditional_attention", backend, site=site,
                          path=f"{PATHS[path]} [{backend}]")
-        out, fam, *_ = torch.ops.clusterfx.conditional_attention(
-            q, k, v, attn_mask, scale, method, *spec.to_args(), topk, 0, impl, "")
+        if draw_rows is None:
+            out, fam, *_ = torch.ops.clusterfx.conditional_attention(
+                q, k, v, attn_mask, scale, method, *spec.to_args(), topk, 0, impl, "")
+        else:  # the query rows' draw (the pooled clustering draws per query row)
+            out, fam, *_ = conditional_forward(q, k, v, attn_mask, scale, method,
+                                               *spec.to_args(), topk, 0, impl, "",
+                                               draw_rows=(draw_rows[2], draw_rows[3]))
     return (out.contiguous(), ka, qa, idx, fam,
             torch.tensor(path, dtype=torch.int64, device=q.device))
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from clusterfx.ops.causal_clustered import checks, guard
-from clusterfx.ops.causal_clustered.common import draw_plan, key_epochs, nblocks
+from clusterfx.ops.causal_clustered.common import DrawRows, draw_plan, key_epochs, nblocks
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
 
@@ -64,10 +64,12 @@ def topk_width(topk: int, nk) -> int:
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-        spec: ClusteringSpec, topk: int, block: int, causal: bool, backend: str):
+        spec: ClusteringSpec, topk: int, block: int, causal: bool, backend: str,
+        draw_rows: DrawRows | None = None):
     """Clustering, selection and attention by one implementation module, with the rules of
     guard.py around it (zero-size dims and non-finite keys/values at kept positions: exact
     attention; clusters clamped to max(Nq, Nk); bad queries kept out, their rows NaN).
+    ``draw_rows``: the random draw of a larger batch's rows (``common.draw_plan``).
     → (out, key_assign, query_assign, topk_idx)."""
     spec = dataclasses.replace(spec, clusters=guard.clamp_clusters(spec.clusters, q.shape[2],
                                                                   k.shape[2]))
@@ -79,17 +81,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                                                        causal))
         return guard.exact_attention(q, k, v, mask, scale, causal).contiguous(), ka, qa, idx
     out, ka, qa, idx = _run(*g.inputs(q, k, v, mask), mask, scale, spec, topk, block, causal,
-                            backend)
+                            backend, draw_rows)
     return g.finish(out, mask, causal).contiguous(), ka, qa, idx
 
 
-def _run(q, k, v, mask, scale, spec, topk, block, causal, backend):
+def _run(q, k, v, mask, scale, spec, topk, block, causal, backend, draw_rows=None):
     mod = implementation(backend)
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     kv = key_valid(mask, k)
     plan = draw_plan(spec.seed, spec.clustering, spec.bits, D, B * Hk, Nk, B * H, Nq,
-                     q.device)
+                     q.device, draw_rows)
     ka = mod.cluster_keys(q, k, kv, spec, block, causal, plan)
     nb = nblocks(Nq, block)
     if topk:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from clusterfx.ops.causal_clustered import conditional as causal_single
+from clusterfx.ops.causal_clustered import registration as causal_registration
 from clusterfx.ops.clustered import conditional as single
 from clusterfx.ops.sequence_parallel.global_clustered_clustering import head_rows
 from clusterfx.ops.sequence_parallel.registration import unpack
@@ -73,3 +75,64 @@ def _backward(ctx, grad, _grad_assignments, _grad_path, _grad_idx):
 
 
 sp_ulysses_conditional_attention.register_autograd(_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------- the causal clustered op
+
+
+def kv_head_rows(batch: int, kv_local: int, kv_heads: int, groups) -> tuple[int, Tensor]:
+    """(B·Hk, rows): the one-process K/V rows of this rank's kv_local K/V heads. Before the
+    all-to-all the Hk heads are replicated ``rep`` times when Hk < u (`kv_replication`), so
+    local head i is replicated head j·kv_local + i, i.e. original head (j·kv_local + i) // rep."""
+    rep = groups.ulysses // kv_heads if kv_heads < groups.ulysses else 1
+    heads = (groups.ulysses_rank() * kv_local + torch.arange(kv_local)) // rep
+    return batch * kv_heads, (torch.arange(batch)[:, None] * kv_heads + heads).reshape(-1)
+
+
+@torch.library.custom_op("clusterfx::sp_ulysses_causal_conditional_attention",
+                         mutates_args=())
+def sp_ulysses_causal_conditional_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, method: str,
+    clusters: int, iterations: int, bits: int, seed: int, clustering: str, refine: int,
+    metric: str, topk: int, block: int, is_causal: bool, causal_queries: bool,
+    min_length: int, kv_heads: int, seq_len: int, zigzag: bool, ulysses: int, ring: int,
+    ulysses_group: str, ring_group: str, timeout: float, impl: str, site: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`causal_conditional_attention` on this rank's heads with one process's draw (module
+    docstring); ``kv_heads``: the model's K/V heads Hk (before any replication)."""
+    _, groups = unpack(seq_len, zigzag, ulysses, ring, ulysses_group, ring_group, timeout)
+    if groups.ring != 1:
+        raise ValueError(f"sp_ulysses_causal_conditional_attention runs under Ulysses alone; "
+                         f"got a ring of {groups.ring} ranks")
+    B = q.shape[0]
+    rows = (*kv_head_rows(B, k.shape[1], kv_heads, groups), *head_rows(B, q.shape[1], groups))
+    return causal_single.causal_conditional_forward(
+        q, k, v, mask, scale, method, clusters, iterations, bits, seed, clustering, refine,
+        metric, topk, block, is_causal, causal_queries, min_length, impl, site,
+        draw_rows=rows)
+
+
+@sp_ulysses_causal_conditional_attention.register_fake
+def _(q, k, v, mask, scale, method, clusters, iterations, bits, seed, clustering, refine,
+      metric, topk, block, is_causal, causal_queries, min_length, *mesh_impl_site):
+    ka, qa, idx = causal_registration.fake_choices(
+        q, k, clusters, topk if method == "improved_clustered" else 0, block, True)
+    return (q.new_empty(*q.shape[:3], v.shape[-1]), ka, qa, idx,
+            q.new_empty(q.shape[:3], dtype=torch.int64), q.new_empty((), dtype=torch.int64))
+
+
+def _setup_causal(ctx, inputs, output):
+    q, k, v, mask, scale, method, clusters = inputs[:7]
+    topk, block, is_causal, impl = inputs[13], inputs[14], inputs[15], inputs[26]
+    ctx.save_for_backward(q, k, v, mask, *output[1:])
+    ctx.args = (scale, method, clusters, topk, block, is_causal, impl)
+
+
+def _backward_causal(ctx, grad, *_grads_of_choices):
+    dq, dk, dv = torch.ops.clusterfx.causal_conditional_attention_backward(
+        grad, *ctx.saved_tensors, *ctx.args)
+    return (dq, dk, dv) + (None,) * 25
+
+
+sp_ulysses_causal_conditional_attention.register_autograd(_backward_causal,
+                                                          setup_context=_setup_causal)

@@ -108,6 +108,84 @@ def ulysses_cases(rank, world, cases):
     return results
 
 
+def _causal(*, method="improved_clustered", heads=4, kv_heads=2, dtype="float64",
+            metric="attention", clustering="hamming", is_causal=True, causal_queries=False,
+            pad=True):
+    return dict(method=method, heads=heads, kv_heads=kv_heads, dtype=dtype, metric=metric,
+                clustering=clustering, is_causal=is_causal, causal_queries=causal_queries,
+                pad=pad, seq_len=32, nan_query=False, mask="padding" if pad else "none")
+
+
+def _causal_mesh(q, k, v, heads, kv_heads, rep, mask, args, kv_count, groups, tag):
+    """The mesh op on this rank's heads (K/V replicated, then this rank's, as the pass)."""
+    kl, vl = (x.repeat_interleave(rep, 1)[:, kv_heads] for x in (k, v))
+    return torch.ops.clusterfx.sp_ulysses_causal_conditional_attention(
+        q[:, heads], kl, vl, mask, *args, kv_count, q.shape[2], False, groups.ulysses, 1,
+        groups.ulysses_group, "", 60.0, "auto", tag)
+
+
+def causal_cases(rank, world, cases):
+    """`sp_ulysses_causal_conditional_attention` against one process's
+    `causal_conditional_attention`, and a causality perturbation on the mesh op."""
+    import torch.distributed as dist
+
+    from clusterfx.ops import sequence_parallel as sp
+    from clusterfx.ops.clustering import ClusteringSpec
+
+    u = world
+    groups = sp.Groups(u, 1, dist.group.WORLD.group_name, "", 60.0)
+    j = groups.ulysses_rank()
+    results = []
+    for n, c in enumerate(cases):
+        H, Hk = c["heads"], c["kv_heads"]
+        q, k, v, g, mask = _inputs(c, 100 + n)
+        spec = ClusteringSpec(clusters=3, iterations=2, seed=9, clustering=c["clustering"],
+                              refine=1, metric=c["metric"])
+        args = (SCALE, c["method"], *spec.to_args(), TOPK, 8, c["is_causal"],
+                c["causal_queries"], 0)
+        want_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        want = torch.ops.clusterfx.causal_conditional_attention(*want_leaves, mask, *args,
+                                                                "auto", f"cone{n}")
+        h, rep = H // u, sp.kv_replication(Hk, u)
+        hk = Hk * rep // u
+        heads, kv_heads = slice(j * h, (j + 1) * h), slice(j * hk, (j + 1) * hk)
+        original = (j * hk + torch.arange(hk)) // rep
+
+        where = (heads, kv_heads, rep, mask, args, Hk, groups)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        got = _causal_mesh(*leaves, *where, f"cmesh{n}")
+        plain = torch.ops.clusterfx.causal_conditional_attention(
+            q[:, heads], *(x.repeat_interleave(rep, 1)[:, kv_heads] for x in (k, v)), mask,
+            *args, "auto", f"cplain{n}")
+        res = {"path": int(got[5]), "want_path": int(want[5]),
+               "same_choices": [bool(torch.equal(got[1], want[1][:, original])),
+                                bool(torch.equal(got[2], want[2][:, heads])),
+                                bool(torch.equal(got[3], want[3][:, heads])),
+                                bool(torch.equal(got[4], want[4][:, heads]))],
+               "plain_same": all(torch.equal(a, b) for a, b in zip(plain[1:5], got[1:5]))}
+        want[0].backward(g)
+        got[0].backward(g[:, heads])
+        res["errors"] = [_rel(got[0], want[0][:, heads].detach())]
+        for leaf, ref in zip(leaves, want_leaves):
+            grad = leaf.grad.clone()
+            dist.all_reduce(grad)
+            res["errors"].append(_rel(grad, ref.grad))
+        if c["is_causal"]:  # change position t: no earlier output may move
+            t = 20
+            moved = [x.detach().clone() for x in (q, k, v)]
+            for x in moved:
+                x[:, :, t:] += 3.0
+            again = _causal_mesh(*moved, *where, f"cperturbed{n}")[0]
+            res["earlier_moved"] = float((again[:, :, :t] - got[0][:, :, :t]).abs().max())
+            res["later_moved"] = float((again[:, :, t:] - got[0][:, :, t:]).abs().max())
+        results.append(res)
+    return results
+
+
+def all_cases(rank, world, cases, causal):
+    return ulysses_cases(rank, world, cases), causal_cases(rank, world, causal)
+
+
 TWO = [_case(), _case(dtype="float32"), _case(kv_heads=1),  # GQA: Hk < u, replicated
        _case(kv_heads=2, clustering="kmeans", refine=2, pad=False),
        _case(metric="euclidean", refine=0, dtype="float32", kv_heads=2),
@@ -125,14 +203,34 @@ def _ids(cases):
             f"-min{c['min_length']}{'-nan' if c['nan_query'] else ''}" for c in cases]
 
 
-@pytest.fixture(scope="module")
-def two_ranks():
-    return launch(f"{__name__}:ulysses_cases", 2, {"cases": TWO}, timeout=300)
+CAUSAL_TWO = [_causal(), _causal(method="clustered", dtype="float32"),
+              _causal(kv_heads=1, metric="euclidean"),  # replicated K/V heads
+              _causal(clustering="kmeans", pad=False),
+              _causal(is_causal=False, causal_queries=True),  # path 1: all keys visible
+              _causal(is_causal=False)]  # path 4: the pooled (conditional_attention) path
+CAUSAL_FOUR = [_causal(heads=8, kv_heads=4), _causal(kv_heads=1, metric="euclidean")]
 
 
 @pytest.fixture(scope="module")
-def four_ranks():
-    return launch(f"{__name__}:ulysses_cases", 4, {"cases": FOUR}, timeout=300)
+def two_all():
+    return launch(f"{__name__}:all_cases", 2, {"cases": TWO, "causal": CAUSAL_TWO},
+                  timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_all):
+    return [cases for cases, _ in two_all]
+
+
+@pytest.fixture(scope="module")
+def four_all():
+    return launch(f"{__name__}:all_cases", 4, {"cases": FOUR, "causal": CAUSAL_FOUR},
+                  timeout=300)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(four_all):
+    return [cases for cases, _ in four_all]
 
 
 def _check(results, index, case):
@@ -158,3 +256,34 @@ def test_ulysses_improved_clustered_equals_one_process_on_two_ranks(two_ranks, i
 @pytest.mark.parametrize("index", range(len(FOUR)), ids=_ids(FOUR))
 def test_ulysses_improved_clustered_equals_one_process_on_four_ranks(four_ranks, index):
     _check(four_ranks, index, FOUR[index])
+
+
+def _check_causal(all_ranks, index, case):
+    tol = {"float64": 1e-10, "float32": 1e-5}[case["dtype"]]
+    path = 0 if case["is_causal"] else 1 if case["causal_queries"] else 4
+    for _, rank in all_ranks:
+        res = rank[index]
+        assert res["path"] == res["want_path"] == path, res
+        assert all(res["same_choices"]), res
+        assert max(res["errors"]) <= tol, (case, res["errors"])
+        if case["is_causal"]:
+            assert res["earlier_moved"] == 0.0 and res["later_moved"] > 0, res
+    # the old per-head-group draw gives other choices on some rank
+    assert not all(rank[index]["plain_same"] for _, rank in all_ranks), case
+
+
+def _causal_ids(cases):
+    return [f"{c['method']}-h{c['heads']}kv{c['kv_heads']}-{c['dtype']}-{c['clustering']}-"
+            f"{c['metric']}-causal{int(c['is_causal'])}-cq{int(c['causal_queries'])}"
+            f"{'-pad' if c['pad'] else ''}" for c in cases]
+
+
+@pytest.mark.parametrize("index", range(len(CAUSAL_TWO)), ids=_causal_ids(CAUSAL_TWO))
+def test_ulysses_causal_clustered_equals_one_process_on_two_ranks(two_all, index):
+    _check_causal(two_all, index, CAUSAL_TWO[index])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(CAUSAL_FOUR)), ids=_causal_ids(CAUSAL_FOUR))
+def test_ulysses_causal_clustered_equals_one_process_on_four_ranks(four_all, index):
+    _check_causal(four_all, index, CAUSAL_FOUR[index])
