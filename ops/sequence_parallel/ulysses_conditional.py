@@ -14,9 +14,22 @@ keeps the rows of its heads (`global_clustered_clustering.head_rows`; the hyperp
 shared, the k-means plan is per row). So with a fixed seed its assignments are one process's,
 and its output and gradients equal one process's up to rounding. No communication.
 
+    sp_ulysses_causal_conditional_attention(q, k, v, mask, scale, method, *spec (7), topk,
+        block, is_causal, causal_queries, min_length, kv_heads, *mesh, impl, site)
+        -> `causal_conditional_attention`'s six outputs; bwd: its backward op
+
+does the same for the causal clustered op (what decoders lower to): its key priorities are
+the rows of the rank's K/V heads among one process's B·Hk (a replicated head: its original
+head's row, `kv_head_rows`), its query priorities those of its query heads, and its pooled path
+(4) takes `conditional_attention`'s draw rows.
+
 What the draw cannot make equal: a kept key or value that is not finite makes one process run
 exact attention for every head, here only for the heads of the rank that holds it (each rank
-sees its own heads' keys; the other head groups stay clustered).
+sees its own heads' keys; the other head groups stay clustered). And on the causal path with
+the attention metric, when K/V heads are replicated (Hk < u) a rank holds only H/u of the
+H/Hk query heads whose second moment is the key clustering's metric: its key clusters then
+differ from one process's (the query side and everything with u | Hk or the Euclidean metric
+are equal).
 
 Shapes: q (B, h, S, D), k (B, hk, S, D), v (B, hk, S, Dv) (h = H/u heads, hk = Hk·rep/u),
 mask over all S key positions → out (B, h, S, Dv), assignments (B, h, S) int64, path ()
