@@ -167,18 +167,27 @@ def test_topk_composes_with_ulysses_and_declines_a_ring_with_the_reason():
 
 def test_causal_clustered_composes_with_ulysses_and_declines_a_ring_with_the_reason():
     """A decoder under a Clustered policy lowers to the causal op (ops/causal_clustered): it
-    runs on its H/u heads of the whole sequence after the all-to-all; over a ring it runs on
-    the gathered sequence, and the report says why (never silently unsharded)."""
+    runs on its H/u heads of the whole sequence after the all-to-all, with one process's
+    random draw (`sp_ulysses_causal_conditional_attention`; ring_clustering="local": the plain
+    op); over a ring it runs on the gathered sequence, and the report says why (never
+    silently unsharded)."""
     model, inputs = _gpt()
     policy = cfx.Clustered(clusters=3, min_length=1)
     causal = ops.causal_conditional_attention.default
-    gm, sites, _ = sp_graph(model, inputs, ulysses=2, policy=policy)
-    assert {s.sequence_parallel.mode for s in sites} == {"ulysses"}
-    assert count_targets(gm, causal) == 2
-    assert count_targets(gm, ops.sp_all_to_all.default) == 8
-    op = next(n for n in gm.graph.nodes if n.target is causal)
-    assert all(a.target is ops.sp_all_to_all.default for a in op.args[:3])
-    assert op.args[15] is True  # still causal: the whole sequence is there, in order
+    for clustering, target in (("global", ops.sp_ulysses_causal_conditional_attention.default),
+                               ("local", causal)):
+        gm, sites, _ = sp_graph(model, inputs, ulysses=2, policy=policy,
+                                ring_clustering=clustering)
+        assert {s.sequence_parallel.mode for s in sites} == {"ulysses"}
+        assert count_targets(gm, target) == 2
+        assert count_targets(gm, ops.sp_all_to_all.default) == 8
+        op = next(n for n in gm.graph.nodes if n.target is target)
+        assert all(a.target is ops.sp_all_to_all.default for a in op.args[:3])
+        assert op.args[15] is True  # still causal: the whole sequence is there, in order
+        if clustering == "global":
+            assert count_targets(gm, causal) == 0
+            assert op.args[18] == 4  # the model's K/V heads: rows of one process's draw
+            assert "one process's clustering" in sites[0].sequence_parallel.summary()
     gm, sites, result = sp_graph(model, inputs, ulysses=2, ring=2, policy=policy)
     assert {s.sequence_parallel.mode for s in sites} == {"gathered"}
     assert "causal clustered attention over a ring" in sites[0].sequence_parallel.reason
