@@ -14,7 +14,7 @@ numbers for all H heads, as one process does, where the plain op would draw them
             7, 'hamming', 1, 'attention', 0, *mesh, 'auto', tag, 'c0/frame0/0#0')
 
 Improved clustered attention under Ulysses alone becomes `sp_ulysses_conditional_attention`
-(ops/sequence_parallel/ulysses_conditional.py): `conditional_attention` with the random draw
+(ops/sequence_parallel/conditional.py): `conditional_attention` with the random draw
 of all H heads, each rank keeping its heads' rows (no communication); over a ring it keeps
 `conditional_ring` (per-rank clusters), whose clustering is no one process's anyway.
 The causal clustered op (decoders) under Ulysses alone becomes

@@ -77,13 +77,17 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.causal_clustered import checks, conditional, registration
-from clusterfx.ops.causal_clustered.conditional import PATHS, mask_structure
+from clusterfx.ops.causal_clustered.conditional import (
+    PATHS,
+    causal_conditional_forward,
+    mask_structure,
+)
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common.telemetry import counters
 
 __all__ = ["PATHS", "ClusteringSpec", "causal_clustered_attention",
-           "causal_clustered_attention_from_choices", "causal_improved_clustered_attention",
-           "conditional", "counters", "mask_structure"]
+           "causal_clustered_attention_from_choices", "causal_conditional_forward",
+           "causal_improved_clustered_attention", "conditional", "counters", "mask_structure"]
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:

@@ -41,8 +41,7 @@ from torch import Tensor
 from clusterfx.ops.attention import dense_attention
 from clusterfx.ops.causal_clustered import checks, guard, registration
 from clusterfx.ops.causal_clustered.common import DrawRows
-from clusterfx.ops.clustered import METHODS
-from clusterfx.ops.clustered.conditional import conditional_forward
+from clusterfx.ops.clustered import METHODS, conditional_forward
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common import telemetry
 from clusterfx.ops.common.dispatch import resolve_impl

@@ -31,13 +31,14 @@ from __future__ import annotations
 import torch
 
 from clusterfx.ops.clustered import checks, conditional, registration  # noqa: F401 - the ops
-from clusterfx.ops.clustered.conditional import METHODS, PATHS, key_padding
+from clusterfx.ops.clustered.conditional import METHODS, PATHS, conditional_forward, key_padding
 from clusterfx.ops.clustered.fused import LIB as NATIVE_LIBRARY  # the fused kernels
 from clusterfx.ops.clustering import ClusteringSpec
 from clusterfx.ops.common.telemetry import counters
 
 __all__ = ["METHODS", "NATIVE_LIBRARY", "PATHS", "ClusteringSpec", "clustered_attention",
-           "clustered_attention_from_assignments", "counters", "improved_clustered_attention",
+           "clustered_attention_from_assignments", "conditional_forward", "counters",
+           "improved_clustered_attention",
            "improved_clustered_attention_from_assignments", "key_padding"]
 
 

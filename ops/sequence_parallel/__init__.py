@@ -44,9 +44,8 @@ import torch
 
 from clusterfx.ops.common.checks import check_positive_int
 from clusterfx.ops.sequence_parallel import (
-    conditional,  # noqa: F401 - global clustered attention's ops
+    conditional,  # noqa: F401 - global clustered attention; clustered sites under Ulysses
     registration,  # noqa: F401 - registers the ops
-    ulysses_conditional,  # noqa: F401 - clustered sites under Ulysses with one process's draw
 )
 from clusterfx.ops.sequence_parallel.common.clusters import ring_metric
 from clusterfx.ops.sequence_parallel.common.comm import Groups, SequenceParallelTimeout, traffic
