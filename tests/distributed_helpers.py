@@ -50,6 +50,22 @@ def _tail(path: Path, n: int = 3000) -> str:
     return text[-n:]
 
 
+
+def output_and_param_grads(fn, inputs, params, keep=None):
+    """Output and parameter gradients of a fixed random projection of it (zero at the
+    positions `keep` (B, S) leaves out, and those outputs zeroed, when given)."""
+    import torch
+
+    for p in params:
+        p.grad = None
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    if keep is not None:
+        g = g * keep[..., None]
+    (out * g).sum().backward()
+    out = out.detach() if keep is None else out.detach() * keep[..., None]
+    return out, [None if p.grad is None else p.grad.clone() for p in params]
+
 def launch(target: str, world: int, args: dict[str, Any] | None = None, *,
            timeout: float = 300.0, collective_timeout: float = 60.0,
            expect_failure: bool = False, grace: float = 30.0) -> list[Any]:

@@ -129,6 +129,18 @@ def ring_attention(q, k, v, layout: SeqLayout, groups: Groups, *, mask=None,
                                   impl, tag)
 
 
+def _to_heads(q, k, v, layout: SeqLayout, groups: Groups, tag: str):
+    """K/V heads replicated up to the Ulysses degree, then the all-to-all sequence -> heads
+    (a no-op for u = 1)."""
+    u = groups.ulysses
+    rep = kv_replication(k.shape[1], u)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if u > 1:
+        q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
+    return q, k, v
+
+
 def usp_attention(q, k, v, layout: SeqLayout, groups: Groups, *, mask=None,
                   causal: bool = False, scale: float | None = None, impl: str = "auto",
                   tag: str = ""):
@@ -136,11 +148,7 @@ def usp_attention(q, k, v, layout: SeqLayout, groups: Groups, *, mask=None,
     Shapes: q (B, H, L, D), k, v (B, Hk, L, ·) → (B, H, L, Dv)."""
     u = groups.ulysses
     check_heads(q.shape[1], k.shape[1], u)
-    rep = kv_replication(k.shape[1], u)
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if u > 1:
-        q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
+    q, k, v = _to_heads(q, k, v, layout, groups, tag)
     out, _ = ring_attention(q, k, v, layout, groups, mask=mask, causal=causal, scale=scale,
                             impl=impl, tag=tag)
     return heads_to_seq(out, layout, groups, tag) if u > 1 else out
@@ -163,11 +171,7 @@ def usp_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *, clust
     check_heads(q.shape[1], k.shape[1], u)
     if topk is not None:
         check_positive_int("topk", topk)
-    rep = kv_replication(k.shape[1], u)
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if u > 1:
-        q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
+    q, k, v = _to_heads(q, k, v, layout, groups, tag)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     spec = (clusters, iterations, bits, seed, clustering, refine, metric)
@@ -196,11 +200,7 @@ def usp_global_clustered_attention(q, k, v, layout: SeqLayout, groups: Groups, *
     heads and ring block, in [0, min(clusters, S)))."""
     u = groups.ulysses
     check_heads(q.shape[1], k.shape[1], u)
-    rep = kv_replication(k.shape[1], u)
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if u > 1:
-        q, k, v = (seq_to_heads(x, layout, groups, tag) for x in (q, k, v))
+    q, k, v = _to_heads(q, k, v, layout, groups, tag)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     out, assignments, *_ = _ops.sp_global_clustered_attention(

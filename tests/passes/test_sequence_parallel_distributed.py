@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed_helpers import launch
+from tests.distributed_helpers import launch, output_and_param_grads
 
 pytestmark = pytest.mark.distributed
 
@@ -68,22 +68,6 @@ def _model(name: str):
     raise AssertionError(name)
 
 
-def _run(fn, inputs, params, keep=None):
-    """Output and parameter gradients of a fixed random projection of it (zero at the
-    positions `keep` (B, S) leaves out, and those outputs zeroed, when given)."""
-    import torch
-
-    for p in params:
-        p.grad = None
-    out = fn(*inputs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    if keep is not None:
-        g = g * keep[..., None]
-    (out * g).sum().backward()
-    out = out.detach() if keep is None else out.detach() * keep[..., None]
-    return out, [None if p.grad is None else p.grad.clone() for p in params]
-
-
 def _policy(name):
     import clusterfx as cfx
 
@@ -118,10 +102,10 @@ def model_cases(rank, world, cases):
             out, grads, want, want_grads = _improved_against_one_process(
                 model, compiled, inputs, params, case, world)
         else:
-            out, grads = _run(compiled, inputs, params)
+            out, grads = output_and_param_grads(compiled, inputs, params)
             approximate = case.get("policy") in ("clustered", "causal-clustered")
             single = None if approximate else policy  # vs dense then
-            want, want_grads = _run(cfx.compile(model, policy=single,
+            want, want_grads = output_and_param_grads(cfx.compile(model, policy=single,
                                                 backend=case["backend"]), inputs, params)
         scale = max(float(g.abs().max()) for g in want_grads if g is not None)
         report = cfx.explain(compiled)
@@ -174,7 +158,7 @@ def _improved_against_one_process(model, compiled, inputs, params, case, world):
     keep = inputs[1].bool()  # BERT's attention mask (B, S)
     improved.forward = recording
     try:
-        out, grads = _run(compiled, inputs, params, keep)
+        out, grads = output_and_param_grads(compiled, inputs, params, keep)
     finally:
         improved.forward = forward
     pieces = [None] * world
@@ -194,8 +178,8 @@ def _improved_against_one_process(model, compiled, inputs, params, case, world):
     try:
         single = cfx.ImprovedClustered(clusters=r * policy.clusters, topk=policy.topk,
                                        seed=policy.seed)
-        want, want_grads = _run(cfx.compile(model, policy=single, backend=case["backend"]),
-                                inputs, params, keep)
+        single_compiled = cfx.compile(model, policy=single, backend=case["backend"])
+        want, want_grads = output_and_param_grads(single_compiled, inputs, params, keep)
     finally:
         registration.cluster = cluster
     assert next(replayed, None) is None, "a site clustered more often than recorded"

@@ -10,21 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed_helpers import launch
+from tests.distributed_helpers import launch, output_and_param_grads
 
 pytestmark = pytest.mark.distributed
-
-
-def _run(fn, inputs, params):
-    """Output and parameter gradients of a fixed random projection of it."""
-    import torch
-
-    for p in params:
-        p.grad = None
-    out = fn(*inputs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    (out * g).sum().backward()
-    return out.detach(), [None if p.grad is None else p.grad.clone() for p in params]
 
 
 def compiled_cases(rank, world, cases):
@@ -50,9 +38,9 @@ def compiled_cases(rank, world, cases):
 
         backend = case.get("backend", "eager")
         compiled = cfx.compile(model, policy=policy, backend=backend, mesh=mesh)
-        out, grads = _run(compiled, inputs, params)
-        want, want_grads = _run(cfx.compile(model, policy=policy, backend=backend), inputs,
-                                params)
+        out, grads = output_and_param_grads(compiled, inputs, params)
+        single = cfx.compile(model, policy=policy, backend=backend)
+        want, want_grads = output_and_param_grads(single, inputs, params)
         scale = max(float(g.abs().max()) for g in want_grads if g is not None)
         sites = []
         for row in cfx.explain(compiled):

@@ -15,21 +15,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed_helpers import launch
+from tests.distributed_helpers import launch, output_and_param_grads
 
 pytestmark = pytest.mark.distributed
-
-
-def _run(fn, inputs, params):
-    """Output and parameter gradients of a fixed random projection of it."""
-    import torch
-
-    for p in params:
-        p.grad = None
-    out = fn(*inputs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    (out * g).sum().backward()
-    return out.detach(), [None if p.grad is None else p.grad.clone() for p in params]
 
 
 def compiled_cases(rank, world, cases):
@@ -54,8 +42,8 @@ def compiled_cases(rank, world, cases):
         params = list(model.parameters())
         compiled = cfx.compile(model, policy=policy, backend=case.get("backend", "eager"),
                                mesh=mesh)
-        out, grads = _run(compiled, inputs, params)
-        want, want_grads = _run(cfx.compile(model, policy=policy,
+        out, grads = output_and_param_grads(compiled, inputs, params)
+        want, want_grads = output_and_param_grads(cfx.compile(model, policy=policy,
                                             backend=case.get("backend", "eager")),
                                 inputs, params)
         scale = max(float(g.abs().max()) for g in want_grads if g is not None)
