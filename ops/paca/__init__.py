@@ -38,11 +38,16 @@ import torch
 from clusterfx.ops.common.telemetry import counters
 from clusterfx.ops.paca import registration  # noqa: F401 - registers the ops
 from clusterfx.ops.paca.checks import validate
-from clusterfx.ops.paca.clustering import CLUSTERINGS, PatchClustering
+from clusterfx.ops.paca.clustering import (
+    CLUSTERINGS,
+    PatchClustering,
+    cluster_logits,
+    depthwise_on_grid,
+)
 from clusterfx.ops.paca.reference import paca_attention_reference
 
-__all__ = ["CLUSTERINGS", "PatchClustering", "counters", "paca_attention",
-           "paca_attention_reference"]
+__all__ = ["CLUSTERINGS", "PatchClustering", "cluster_logits", "counters",
+           "depthwise_on_grid", "paca_attention", "paca_attention_reference"]
 
 
 def paca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor, *,

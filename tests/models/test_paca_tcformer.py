@@ -208,3 +208,40 @@ def test_conv_clustering_head_equals_its_convolutions():
     expected = torch.autograd.grad((want * g).sum(), (x, *head.parameters()))
     for a, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_mlp_and_linear_clustering_heads_equal_their_layers(kind):
+    """The mlp and linear heads go through ops.paca.cluster_logits: they must equal the layers
+    they hold applied to the tokens, transposed to (B, M, N)."""
+    from clusterfx.models.paca_vit import Clustering
+
+    torch.manual_seed(0)
+    head = Clustering(12, 5, kind).double()
+    x = torch.randn(2, 24, 12, dtype=torch.float64)
+    torch.testing.assert_close(head(x, (6, 4)), head.net(x).transpose(1, 2), rtol=0,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_conv_mlp_depthwise_on_tokens_equals_the_nchw_convolution(contiguous):
+    """ConvMlp runs its depthwise 3×3 on a channels-last view of the tokens; it must equal the
+    convolution of the (B, C, H, W) copy, values and gradients, also for tokens that are not
+    contiguous."""
+    from clusterfx.models.paca_vit import ConvMlp
+
+    torch.manual_seed(0)
+    mlp = ConvMlp(6, 10).double()
+    wide = torch.randn(2, 5 * 3, 9, dtype=torch.float64, requires_grad=True)
+    x = wide[..., :6] if not contiguous else wide[..., :6].contiguous()
+    assert x.is_contiguous() == contiguous
+    got = mlp(x, (5, 3))
+    h = mlp.fc1(x)
+    fmap = h.transpose(1, 2).reshape(2, 10, 5, 3)
+    want = mlp.fc2(torch.nn.functional.gelu(h + mlp.dw(fmap).flatten(2).transpose(1, 2)))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad((got * g).sum(), (wide, *mlp.parameters()))
+    expected = torch.autograd.grad((want * g).sum(), (wide, *mlp.parameters()))
+    for a, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)

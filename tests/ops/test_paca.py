@@ -179,3 +179,25 @@ def test_conv_patch_clustering_equals_its_convolutions():
     expected = torch.autograd.grad((want * g).sum(), (x, *head.parameters()))
     for a, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_depthwise_on_grid_equals_the_nchw_convolution(contiguous):
+    """depthwise_on_grid convolves a channels-last view of the tokens: it equals the
+    convolution of the (B, C, H, W) copy, values and gradients, contiguous tokens or not."""
+    from clusterfx.ops.paca import depthwise_on_grid
+
+    torch.manual_seed(0)
+    wide = torch.randn(2, 4 * 5, 11, dtype=torch.float64, requires_grad=True)
+    x = wide[..., 2:9] if not contiguous else wide[..., 2:9].contiguous()
+    assert x.is_contiguous() == contiguous
+    w, b = torch.randn(7, 1, 5, 5, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    got = depthwise_on_grid(x, w, b, (4, 5))
+    fmap = x.transpose(1, 2).reshape(2, 7, 4, 5)
+    want = F.conv2d(fmap, w, b, padding=2, groups=7).flatten(2).transpose(1, 2)
+    assert got.shape == (2, 20, 7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * g).sum(), wide)[0],
+                               torch.autograd.grad((want * g).sum(), wide)[0], rtol=0,
+                               atol=1e-12)
