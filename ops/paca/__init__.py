@@ -41,12 +41,11 @@ from clusterfx.ops.paca.checks import validate
 from clusterfx.ops.paca.clustering import (
     CLUSTERINGS,
     PatchClustering,
-    cluster_logits,
     depthwise_on_grid,
 )
 from clusterfx.ops.paca.reference import paca_attention_reference
 
-__all__ = ["CLUSTERINGS", "PatchClustering", "cluster_logits", "counters",
+__all__ = ["CLUSTERINGS", "PatchClustering", "counters",
            "depthwise_on_grid", "paca_attention", "paca_attention_reference"]
 
 
