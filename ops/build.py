@@ -18,9 +18,10 @@ import time
 from clusterfx.ops.clustered import NATIVE_LIBRARY as CLUSTERED
 from clusterfx.ops.clustering import NATIVE_LIBRARY as CLUSTERING
 from clusterfx.ops.common.native import Library, NativeUnavailable, build_dir
+from clusterfx.ops.paca import NATIVE_LIBRARY as PACA
 from clusterfx.ops.topk import NATIVE_LIBRARY as TOPK
 
-LIBRARIES: tuple[Library, ...] = (CLUSTERING, CLUSTERED, TOPK)
+LIBRARIES: tuple[Library, ...] = (CLUSTERING, CLUSTERED, TOPK, PACA)
 
 
 def build_all(quiet: bool = False) -> list[str]:

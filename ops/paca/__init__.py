@@ -33,20 +33,24 @@ Shapes: q, k (B, H, N, D), v (B, H, N, Dv), logits (B, M, N - prefix) -> out (B,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from clusterfx.ops.common.telemetry import counters
-from clusterfx.ops.paca import registration  # noqa: F401 - registers the ops
-from clusterfx.ops.paca.checks import validate
-from clusterfx.ops.paca.clustering import (
-    CLUSTERINGS,
-    PatchClustering,
-    depthwise_on_grid,
+from clusterfx.ops.common import native
+from clusterfx.ops.common.telemetry import counters, record
+from clusterfx.ops.paca import (
+    fused,
+    registration,  # noqa: F401 - registers the ops
 )
-from clusterfx.ops.paca.reference import paca_attention_reference
+from clusterfx.ops.paca.checks import validate, validate_layer
+from clusterfx.ops.paca.clustering import PatchClustering
+from clusterfx.ops.paca.common import CLUSTERINGS, depthwise_on_grid
+from clusterfx.ops.paca.fused import LIB as NATIVE_LIBRARY  # the fused layer kernels
+from clusterfx.ops.paca.reference import paca_attention_reference, paca_layer_reference
 
-__all__ = ["CLUSTERINGS", "PatchClustering", "counters",
-           "depthwise_on_grid", "paca_attention", "paca_attention_reference"]
+__all__ = ["CLUSTERINGS", "NATIVE_LIBRARY", "PatchClustering", "counters", "depthwise_on_grid",
+           "paca_attention", "paca_attention_reference", "paca_layer", "paca_layer_reference"]
 
 
 def paca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor, *,
@@ -72,3 +76,57 @@ def paca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: to
     """
     validate(q, k, v, logits, prefix, scale, impl)
     return torch.ops.clusterfx.paca_attention(q, k, v, logits, prefix, scale, impl)
+
+
+def paca_layer(x: torch.Tensor, grid: tuple[int, int], kind: str,
+               head: Sequence[torch.Tensor], q: tuple, kv: tuple, proj: tuple, heads: int, *,
+               norm: tuple | None = None, prior: torch.Tensor | None = None,
+               impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole patch-to-cluster attention layer from the patches (the op family as PaCa-ViT
+    computes it; ``models.paca_vit.PaCaAttention`` takes the same parameters)::
+
+        z      = softmax over the patches of clustering(x) (+ prior)   (B, M, N)
+        tokens = LayerNorm(z x)                                        (B, M, C), norm optional
+        k, v   = the halves of tokens Wkvᵀ + bkv                       (B, M, C) each
+        out    = proj(MHA(q = x Wqᵀ + bq, k, v))                       (B, N, C)
+
+    Implementations (``impl``): "reference" (``reference.py``, torch, differentiable, any
+    device and dtype); "cpu" (``fused.py``: the C++ kernels, forward only, for inference on CPU
+    float32 / float64 with no gradient wanted; an error otherwise); "auto": "cpu" where it can
+    run, else "reference". Each call counts the one that ran in
+    ``counters["paca_layer.<impl>"]``.
+
+    Args:
+        x: (B, N, C) patches on ``grid`` = (H, W), H·W = N.
+        kind, head: the clustering head and its parameters in ``cluster_logits`` order
+            (conv: dw weight, dw bias, pw weight, pw bias, out weight; mlp: w1, b1, w2, b2;
+            linear: w).
+        q, kv, proj: (weight, bias) of the query (C, C), key-value (2C, C; keys first) and
+            output (C, C) projections.
+        heads: attention heads (dividing C); the score scale is (C / heads) ** -0.5.
+        norm: (weight, bias, eps) of the LayerNorm on the cluster tokens, or None.
+        prior: (M, N) added to the cluster logits, or None.
+        impl: "auto" | "reference" | "cpu".
+
+    Returns:
+        (out (B, N, C), z (B, M, N)).
+
+    Raises:
+        ValueError for bad arguments, before any work; for impl="cpu" also where it cannot
+        run (a gradient wanted, not CPU float32/float64); RuntimeError when impl="cpu" and the
+        fused kernels cannot be built here.
+    """
+    validate_layer(x, grid, kind, head, q, kv, proj, heads, norm, prior, impl)
+    tensors = [x, *head, *q, *kv, *proj, prior, *(norm[:2] if norm else ())]
+    if impl == "cpu" and not fused.available_for(*tensors):
+        if not fused.LIB.available():
+            raise RuntimeError(f"paca_layer(impl='cpu'): "
+                               f"{native.unavailable_message(fused.LIB)}")
+        raise ValueError("paca_layer(impl='cpu') is the fused forward for inference: it needs "
+                         "CPU tensors of one dtype, float32 or float64, and no gradient "
+                         "(run under torch.no_grad()); use impl='reference' or 'auto'")
+    run = impl if impl != "auto" else ("cpu" if fused.available_for(*tensors) else "reference")
+    record("paca_layer", run)
+    if run == "cpu":
+        return fused.layer_forward(x, grid, kind, head, q, kv, proj, heads, norm, prior)
+    return paca_layer_reference(x, grid, kind, head, q, kv, proj, heads, norm, prior)

@@ -49,3 +49,47 @@ def check_triton_dtype(q: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"impl='triton' takes float32, float16 or bfloat16 inputs, got "
                          f"{q.dtype}; use impl='reference' or 'cpu' for float64")
+
+
+LAYER_IMPLS = ("auto", "reference", "cpu")
+HEAD_PARAMS = {"conv": 5, "mlp": 4, "linear": 1}  # parameters of each clustering head
+
+
+def validate_layer(x, grid, kind, head, q, kv, proj, heads, norm, prior, impl) -> None:
+    """Raise ValueError for anything ``paca_layer`` does not accept (its docstring)."""
+    if impl not in LAYER_IMPLS:
+        raise ValueError(f"paca_layer: impl ({impl!r}) must be one of {LAYER_IMPLS}")
+    if kind not in HEAD_PARAMS:
+        raise ValueError(f"paca_layer: kind ({kind!r}) must be one of {tuple(HEAD_PARAMS)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"paca_layer: x must be a floating (B, N, C) tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    b, n, c = x.shape
+    if (len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0
+                              for g in grid) or grid[0] * grid[1] != n):
+        raise ValueError(f"paca_layer: grid {tuple(grid)} must be two positive ints with "
+                         f"H·W = N = {n}")
+    want = HEAD_PARAMS[kind]
+    if len(head) != want:
+        raise ValueError(f"paca_layer: a {kind!r} head takes {want} parameters (see "
+                         f"clustering.cluster_logits), got {len(head)}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or c % heads:
+        raise ValueError(f"paca_layer: heads ({heads!r}) must be a positive int dividing C = "
+                         f"{c}")
+    if tuple(q[0].shape) != (c, c) or tuple(proj[0].shape) != (c, c):
+        raise ValueError(f"paca_layer: q and proj weights must be (C, C) = ({c}, {c}), got "
+                         f"{tuple(q[0].shape)} and {tuple(proj[0].shape)}")
+    if tuple(kv[0].shape) != (2 * c, c):
+        raise ValueError(f"paca_layer: the kv weight must be (2C, C) = ({2 * c}, {c}), got "
+                         f"{tuple(kv[0].shape)}")
+    if norm is not None and len(norm) != 3:
+        raise ValueError("paca_layer: norm must be (weight, bias, eps) or None")
+    named = [*(("head", t) for t in head), *(("q", t) for t in q), *(("kv", t) for t in kv),
+             *(("proj", t) for t in proj), ("prior", prior),
+             *(("norm", t) for t in (norm[:2] if norm else ()))]
+    for name, t in named:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"paca_layer: a {name} parameter is {t.dtype} on {t.device}; "
+                             f"every parameter must match x ({x.dtype} on {x.device})")
+    if prior is not None and (prior.dim() != 2 or prior.shape[1] != n):
+        raise ValueError(f"paca_layer: prior {tuple(prior.shape)} must be (M, N = {n})")

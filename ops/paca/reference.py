@@ -8,11 +8,19 @@ With P = prefix class/register tokens first and Np = N - P patches::
     Kc, Vc = z · K[P:],  z · V[P:]                  (B, H, M, D), shared z over heads
     O[i]   = softmax_j(scale q_i · K'_j) V'_j        i >= P,  K' = [K[:P]; Kc], V' = [V[:P]; Vc]
     O[i]   = softmax_j(scale q_i · K_j) V_j          i <  P   (exact, over all N keys)
+
+``paca_layer_reference``: the whole layer from the patches in torch (``paca_layer``'s "reference"
+implementation, equal to ``models.paca_vit.PaCaAttention``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
+
+from clusterfx.ops.paca.common import cluster_logits
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -38,3 +46,25 @@ def paca_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     patches = _attend(q[:, :, prefix:], keys, values, scale)  # (B, H, Np, Dv)
     heads = _attend(q[:, :, :prefix], k, v, scale)  # (B, H, P, Dv)
     return torch.cat([heads, patches], dim=2)
+
+
+def paca_layer_reference(x: torch.Tensor, grid: tuple[int, int], kind: str,
+                         head: Sequence[torch.Tensor], q: tuple, kv: tuple, proj: tuple,
+                         heads: int, norm: tuple | None = None,
+                         prior: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole PaCa layer in torch (``paca_layer``'s formula; differentiable)::
+
+        z = softmax_patches(cluster_logits(x) + prior); tokens = LayerNorm(z x)
+        k, v = halves of tokens Wkvᵀ + bkv; out = proj(MHA(x Wqᵀ + bq, k, v))
+    """
+    b, n, c = x.shape
+    params = [*head] + ([prior] if prior is not None else [])
+    z = cluster_logits(x, params, kind, grid, prior is not None).softmax(dim=-1)
+    tokens = z @ x
+    if norm is not None:
+        tokens = F.layer_norm(tokens, (c,), norm[0], norm[1], norm[2])
+    k, v = F.linear(tokens, *kv).view(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+    qh = F.linear(x, *q).view(b, n, heads, c // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qh, k, v)
+    return F.linear(out.transpose(1, 2).reshape(b, n, c), *proj), z

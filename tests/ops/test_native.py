@@ -107,7 +107,7 @@ def test_cpu_impl_needs_cpu_tensors():
 
 def test_build_command_builds_every_family():
     lines = build.build_all()
-    assert [line.split("'")[1] for line in lines] == ["clustering", "clustered", "topk"]
+    assert [line.split("'")[1] for line in lines] == ["clustering", "clustered", "topk", "paca"]
     assert all(lib.available() for lib in build.LIBRARIES)
 
 

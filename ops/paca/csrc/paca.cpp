@@ -1,0 +1,347 @@
+// Fused patch-to-cluster attention layer, forward (Python side: ops/paca/fused.py). Two entry
+// points, with the (tiny) cluster-token LayerNorm and kv projection in torch between them:
+//
+// cfx_paca_clusters: the cluster side. Per tile of patches (on one thread, in its cache): the
+// clustering head -- optional depthwise k x k convolution on the patch grid + GELU, optional
+// hidden linear + GELU, the linear to M logits (+ an optional (M, N) prior) -- written as
+// L^T (N x M); per cluster, the softmax over all N patches (column max across tiles, exp in
+// place, column sums) and the pooled tokens z x as per-tile E^T X products summed at the end.
+// Outputs z^T (B, N, M) (normalised; the caller returns its transpose view) and z x (B, M, C).
+//
+// cfx_paca_queries: the query side.
+//
+// PaCa's N queries attend to only M cluster tokens (M ~ 100 << N), so a query's scores fit in a
+// few hundred bytes and nothing needs streaming. A work item is a tile of queries of one batch
+// row; per item, on one thread and in its cache:
+//
+//   Q  = scale (X Wq^T + bq)               (T x H D)   one GEMM
+//   for each head h:
+//     S  = Q_h K_h^T                       (T x M)     one GEMM
+//     P  = exp(S - rowmax) ;  O_h = P V_h / rowsum     one GEMM, normalised on the T x Dv side
+//   out = O Wo^T + bo                      (T x Cout)  one GEMM
+//
+// X and out are the layer's (B, N, C) tensors, used in place (no head transposes, no N-sized
+// intermediate in memory); K and V are read by strides, so the layer passes the two halves of
+// its fused kv projection (B, M, 2C) without a copy.
+//
+// float32, and float64 for the tests; BLAS through cfx::gemm. GELU is the exact (erf) one: in
+// float64 through std::erf, in float32 through a vectorisable erf (Abramowitz-Stegun 7.1.26,
+// absolute error < 1.5e-7, as torch's vectorised CPU erf). Forward only: the backward
+// recomputes the torch form (ops/paca/layer.py).
+#include "cfx_native.h"
+
+#include <vector>
+
+CFX_NATIVE_ENTRY()
+
+namespace {
+
+using cfx::i64;
+
+// rows[i, c] += bias[c] * f for a rows x cols block with row stride ld.
+template <typename T>
+void add_bias(T* rows, i64 n, i64 cols, i64 ld, const T* bias, T f) {
+  for (i64 i = 0; i < n; ++i) {
+    T* row = rows + i * ld;
+#pragma omp simd
+    for (i64 c = 0; c < cols; ++c) row[c] += f * bias[c];
+  }
+}
+
+struct ClusterArgs {
+  i64 B, N, C, Hg, Wg, M, C1, K, tile, threads, is_double;
+  const void* x;      // (B, N, C) contiguous, the patches on an Hg x Wg grid (row-major)
+  const void* dw_w;   // (C, K, K) depthwise weights, or null (K = 0): no convolution
+  const void* dw_b;   // (C) or null
+  const void* w1;     // (C1, C) hidden linear, or null (C1 = 0)
+  const void* b1;     // (C1) or null
+  const void* w2;     // (M, C1 or C) linear to the logits
+  const void* b2;     // (M) or null
+  const void* prior;  // (M, N) additive logits prior, or null
+  void* zt;           // (B, N, M) out: the assignment, transposed (columns sum to 1)
+  void* zx;           // (B, M, C) out: z x
+};
+
+// 0.5 x (1 + erf(x / sqrt 2)), elementwise in place.
+inline void gelu(double* p, i64 n) {
+  for (i64 i = 0; i < n; ++i) p[i] = 0.5 * p[i] * (1.0 + std::erf(p[i] * 0.70710678118654752));
+}
+
+inline void gelu(float* p, i64 n) {
+#pragma omp simd
+  for (i64 i = 0; i < n; ++i) {
+    const float u = p[i] * 0.70710678f, a = std::fabs(u);
+    const float t = 1.f / (1.f + 0.3275911f * a);
+    float r = 1.061405429f;
+    r = r * t - 1.453152027f;
+    r = r * t + 1.421413741f;
+    r = r * t - 0.284496736f;
+    r = r * t + 0.254829592f;
+    const float erf_a = 1.f - r * t * cfx::exp_approx(-a * a);
+    p[i] = 0.5f * p[i] * (1.f + (u < 0.f ? -erf_a : erf_a));
+  }
+}
+
+// One output patch of the depthwise convolution: out[c] = bias[c] + sum over the taps (rows
+// r0..r1, columns q0..q1 of the grid; (rt, qt) = the patch of tap (0, 0)) of tap * x. Portable
+// version: channels in blocks of 32 accumulated across the taps.
+template <typename T>
+void depthwise_patch(const T* x, const T* taps, i64 C, i64 W, i64 K, i64 rt, i64 qt, i64 r0,
+                     i64 r1, i64 q0, i64 q1, const T* bias, T* out) {
+  constexpr i64 kLanes = 32;
+  for (i64 c0 = 0; c0 < C; c0 += kLanes) {
+    const i64 w = std::min<i64>(kLanes, C - c0);
+    T acc[kLanes];
+    for (i64 c = 0; c < kLanes; ++c) acc[c] = c < w && bias ? bias[c0 + c] : T(0);
+    for (i64 rr = r0; rr <= r1; ++rr)
+      for (i64 qq = q0; qq <= q1; ++qq) {
+        const T* src = x + (rr * W + qq) * C + c0;
+        const T* tap = taps + ((rr - rt) * K + (qq - qt)) * C + c0;
+        for (i64 c = 0; c < w; ++c) acc[c] += tap[c] * src[c];
+      }
+    for (i64 c = 0; c < w; ++c) out[c0 + c] = acc[c];
+  }
+}
+
+#if defined(__AVX512F__)
+// float with AVX-512: NB blocks of 16 channels held in registers across all taps (independent
+// FMA chains; the portable loop above is latency-bound on its accumulators).
+template <int NB>
+void depthwise_block(const float* x, const float* taps, i64 C, i64 c0, i64 W, i64 K, i64 rt,
+                     i64 qt, i64 r0, i64 r1, i64 q0, i64 q1, const float* bias, float* out) {
+  __m512 acc[NB];
+  __mmask16 mask[NB];
+  for (int j = 0; j < NB; ++j) {
+    const i64 rem = C - c0 - 16 * j;
+    mask[j] = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+    acc[j] = bias ? _mm512_maskz_loadu_ps(mask[j], bias + c0 + 16 * j) : _mm512_setzero_ps();
+  }
+  for (i64 rr = r0; rr <= r1; ++rr)
+    for (i64 qq = q0; qq <= q1; ++qq) {
+      const float* src = x + (rr * W + qq) * C + c0;
+      const float* tap = taps + ((rr - rt) * K + (qq - qt)) * C + c0;
+      for (int j = 0; j < NB; ++j)
+        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask[j], tap + 16 * j),
+                                 _mm512_maskz_loadu_ps(mask[j], src + 16 * j), acc[j]);
+    }
+  for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(out + c0 + 16 * j, mask[j], acc[j]);
+}
+
+template <>
+void depthwise_patch<float>(const float* x, const float* taps, i64 C, i64 W, i64 K, i64 rt,
+                            i64 qt, i64 r0, i64 r1, i64 q0, i64 q1, const float* bias,
+                            float* out) {
+  for (i64 c0 = 0; c0 < C; c0 += 128) {  // up to 8 blocks (128 channels) per pass
+    switch (std::min<i64>(8, (C - c0 + 15) / 16)) {
+#define CFX_DW_CASE(nb) \
+  case nb:              \
+    depthwise_block<nb>(x, taps, C, c0, W, K, rt, qt, r0, r1, q0, q1, bias, out); \
+    break;
+      CFX_DW_CASE(1) CFX_DW_CASE(2) CFX_DW_CASE(3) CFX_DW_CASE(4)
+      CFX_DW_CASE(5) CFX_DW_CASE(6) CFX_DW_CASE(7) CFX_DW_CASE(8)
+#undef CFX_DW_CASE
+    }
+  }
+}
+#endif
+
+i64 cluster_tiles(const ClusterArgs& a) { return (a.N + a.tile - 1) / a.tile; }
+
+// Tile rows [n0, n0 + t) of batch b: the clustering head into L^T = zt rows, and each logit
+// column's maximum over the tile into mx (M).
+template <typename T>
+void cluster_logits_item(const ClusterArgs& a, i64 b, i64 n0, i64 t, T* mx) {
+  const i64 C = a.C, M = a.M, K = a.K;
+  const T* x = static_cast<const T*>(a.x) + b * a.N * C;
+  thread_local std::vector<T> buf;
+  buf.resize(t * (C + a.C1) + (K ? K * K * C : 0));
+  T *y = buf.data(), *hid = y + t * C, *taps = hid + t * a.C1;
+  const T* in = x + n0 * C;  // the rows the first linear reads
+  if (K) {  // depthwise K x K, 'same' zero padding, then GELU
+    const T* w = static_cast<const T*>(a.dw_w);
+    for (i64 c = 0; c < C; ++c)  // taps (K*K, C): channels contiguous per tap
+      for (i64 j = 0; j < K * K; ++j) taps[j * C + c] = w[c * K * K + j];
+    const T* bias = static_cast<const T*>(a.dw_b);
+    const i64 half = K / 2;
+    for (i64 i = 0; i < t; ++i) {
+      const i64 n = n0 + i, r = n / a.Wg, q = n % a.Wg;
+      const i64 r0 = std::max<i64>(0, r - half), r1 = std::min<i64>(a.Hg - 1, r + half);
+      const i64 q0 = std::max<i64>(0, q - half), q1 = std::min<i64>(a.Wg - 1, q + half);
+      depthwise_patch(x, taps, C, a.Wg, K, r - half, q - half, r0, r1, q0, q1, bias,
+                      y + i * C);
+    }
+    gelu(y, t * C);
+    in = y;
+  }
+  i64 width = C;
+  if (a.C1) {  // hidden linear + GELU
+    cfx::gemm(false, true, t, a.C1, C, T(1), in, C, static_cast<const T*>(a.w1), C, T(0), hid,
+              a.C1);
+    if (a.b1 != nullptr) add_bias(hid, t, a.C1, a.C1, static_cast<const T*>(a.b1), T(1));
+    gelu(hid, t * a.C1);
+    in = hid;
+    width = a.C1;
+  }
+  T* lt = static_cast<T*>(a.zt) + (b * a.N + n0) * M;
+  cfx::gemm(false, true, t, M, width, T(1), in, width, static_cast<const T*>(a.w2), width, T(0),
+            lt, M);
+  if (a.b2 != nullptr) add_bias(lt, t, M, M, static_cast<const T*>(a.b2), T(1));
+  if (a.prior != nullptr) {
+    const T* prior = static_cast<const T*>(a.prior);
+    for (i64 i = 0; i < t; ++i)
+      for (i64 m = 0; m < M; ++m) lt[i * M + m] += prior[m * a.N + n0 + i];
+  }
+  for (i64 m = 0; m < M; ++m) mx[m] = -std::numeric_limits<T>::infinity();
+  for (i64 i = 0; i < t; ++i) {
+    const T* row = lt + i * M;
+#pragma omp simd
+    for (i64 m = 0; m < M; ++m) mx[m] = row[m] > mx[m] ? row[m] : mx[m];  // NaN skipped
+  }
+}
+
+template <typename T>
+void cluster_forward(const ClusterArgs& a) {
+  const i64 per = cluster_tiles(a), items = a.B * per, M = a.M, C = a.C;
+  std::vector<T> mx(items * M), sums(items * M), part(items * M * C), total(a.B * M);
+  const auto rows = [&](i64 item, i64* b, i64* n0, i64* t) {
+    *b = item / per;
+    *n0 = (item % per) * a.tile;
+    *t = std::min(a.tile, a.N - *n0);
+  };
+  cfx::parallel_items(items, static_cast<int>(a.threads), [&](i64 item) {
+    i64 b, n0, t;
+    rows(item, &b, &n0, &t);
+    cluster_logits_item<T>(a, b, n0, t, mx.data() + item * M);
+  });
+  // each cluster's max over all patches, from the tiles' maxima
+  for (i64 b = 0; b < a.B; ++b)
+    for (i64 j = 1; j < per; ++j)
+      for (i64 m = 0; m < M; ++m) {
+        T& top = mx[b * per * M + m];
+        const T v = mx[(b * per + j) * M + m];
+        top = v > top ? v : top;
+      }
+  // E = exp(L - max) in place, per-tile column sums and E^T X
+  cfx::parallel_items(items, static_cast<int>(a.threads), [&](i64 item) {
+    i64 b, n0, t;
+    rows(item, &b, &n0, &t);
+    const T* top = mx.data() + b * per * M;
+    T* e = static_cast<T*>(a.zt) + (b * a.N + n0) * M;
+    T* sum = sums.data() + item * M;
+    for (i64 m = 0; m < M; ++m) sum[m] = T(0);
+    for (i64 i = 0; i < t; ++i) {
+      T* row = e + i * M;
+#pragma omp simd
+      for (i64 m = 0; m < M; ++m) {
+        row[m] = cfx::exp_approx(row[m] - top[m]);  // NaN stays NaN; inf - inf = NaN
+        sum[m] += row[m];
+      }
+    }
+    const T* x = static_cast<const T*>(a.x) + (b * a.N + n0) * C;
+    cfx::gemm(true, false, M, C, t, T(1), e, M, x, C, T(0), part.data() + item * M * C, C);
+  });
+  for (i64 b = 0; b < a.B; ++b)
+    for (i64 m = 0; m < M; ++m) {
+      T s = 0;
+      for (i64 j = 0; j < per; ++j) s += sums[(b * per + j) * M + m];
+      total[b * M + m] = T(1) / s;
+    }
+  // z x = sum over tiles / column sum; z^T columns normalised in place
+  cfx::parallel_items(a.B * M, static_cast<int>(a.threads), [&](i64 bm) {
+    const i64 b = bm / M, m = bm % M;
+    T* out = static_cast<T*>(a.zx) + bm * C;
+    for (i64 c = 0; c < C; ++c) out[c] = T(0);
+    for (i64 j = 0; j < per; ++j) {
+      const T* p = part.data() + ((b * per + j) * M + m) * C;
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) out[c] += p[c];
+    }
+    const T inv = total[bm];
+#pragma omp simd
+    for (i64 c = 0; c < C; ++c) out[c] *= inv;
+  });
+  cfx::parallel_items(items, static_cast<int>(a.threads), [&](i64 item) {
+    i64 b, n0, t;
+    rows(item, &b, &n0, &t);
+    const T* inv = total.data() + b * M;
+    T* e = static_cast<T*>(a.zt) + (b * a.N + n0) * M;
+    for (i64 i = 0; i < t; ++i) {
+      T* row = e + i * M;
+#pragma omp simd
+      for (i64 m = 0; m < M; ++m) row[m] *= inv[m];
+    }
+  });
+}
+
+struct PacaArgs {
+  i64 B, N, H, D, Dv, M, Cin, Cout, tile, threads, is_double;
+  i64 xB, xN;      // element strides of x (B, N, Cin), unit channel stride
+  i64 kB, kM;      // of k (B, M, H D): head h is columns h D .. h D + D
+  i64 vB, vM;      // of v (B, M, H Dv)
+  i64 oB, oN;      // of out (B, N, Cout)
+  double scale;
+  const void* x;
+  const void* k;
+  const void* v;
+  const void* wq;  // (H D, Cin) row-major
+  const void* bq;  // (H D) or null
+  const void* wo;  // (Cout, H Dv) row-major
+  const void* bo;  // (Cout) or null
+  void* out;
+};
+
+i64 tiles(const PacaArgs& a) { return (a.N + a.tile - 1) / a.tile; }
+
+template <typename T>
+void forward_item(const PacaArgs& a, i64 item) {
+  const i64 per = tiles(a), b = item / per, n0 = (item % per) * a.tile;
+  const i64 t = std::min(a.tile, a.N - n0), H = a.H, D = a.D, Dv = a.Dv, M = a.M;
+  const i64 HD = H * D, HDv = H * Dv;
+  const T scale = T(a.scale);
+  thread_local std::vector<T> buf;
+  buf.resize(t * (HD + HDv + M + 1));
+  T *q = buf.data(), *o = q + t * HD, *s = o + t * HDv, *sums = s + t * M;
+
+  const T* x = static_cast<const T*>(a.x) + b * a.xB + n0 * a.xN;
+  cfx::gemm(false, true, t, HD, a.Cin, scale, x, a.xN, static_cast<const T*>(a.wq), a.Cin,
+            T(0), q, HD);
+  if (a.bq != nullptr) add_bias(q, t, HD, HD, static_cast<const T*>(a.bq), scale);
+
+  for (i64 h = 0; h < H; ++h) {
+    const T* k = static_cast<const T*>(a.k) + b * a.kB + h * D;
+    const T* v = static_cast<const T*>(a.v) + b * a.vB + h * Dv;
+    cfx::gemm(false, true, t, M, D, T(1), q + h * D, HD, k, a.kM, T(0), s, M);
+    // exp(s - rowmax) in place. Non-finite scores give a NaN row, as torch's softmax: a NaN
+    // propagates through exp_approx, and +inf or an all -inf row make inf - inf = NaN.
+    for (i64 i = 0; i < t; ++i) {
+      T* row = s + i * M;
+      sums[i] = cfx::exp_shifted(row, M, cfx::row_max(row, M));
+    }
+    T* oh = o + h * Dv;
+    cfx::gemm(false, false, t, Dv, M, T(1), s, M, v, a.vM, T(0), oh, HDv);
+    for (i64 i = 0; i < t; ++i) {
+      const T inv = T(1) / sums[i];
+      T* row = oh + i * HDv;
+#pragma omp simd
+      for (i64 d = 0; d < Dv; ++d) row[d] *= inv;
+    }
+  }
+
+  T* out = static_cast<T*>(a.out) + b * a.oB + n0 * a.oN;
+  cfx::gemm(false, true, t, a.Cout, HDv, T(1), o, HDv, static_cast<const T*>(a.wo), HDv, T(0),
+            out, a.oN);
+  if (a.bo != nullptr) add_bias(out, t, a.Cout, a.oN, static_cast<const T*>(a.bo), T(1));
+}
+
+}  // namespace
+
+extern "C" void cfx_paca_clusters(const ClusterArgs* args) {
+  args->is_double ? cluster_forward<double>(*args) : cluster_forward<float>(*args);
+}
+
+extern "C" void cfx_paca_queries(const PacaArgs* args) {
+  const PacaArgs& a = *args;
+  cfx::parallel_items(a.B * tiles(a), static_cast<int>(a.threads), [&](i64 item) {
+    a.is_double ? forward_item<double>(a, item) : forward_item<float>(a, item);
+  });
+}
