@@ -14,7 +14,9 @@ Attention, on x ~ N(0, 1) of shape (1, N, C) from a seeded generator, forward un
   PaCa-ViT layer (`models.paca_vit.PaCaAttention`: clustering
   head, z = softmax over patches, cluster tokens LayerNorm(z x), q from the patches, k and v
   from the M cluster tokens, output projection) with the paper's "conv" head and the "linear"
-  head. All on an √N×√N grid, M = `--clusters`.
+  head, in plain torch as the model computes it; and "fused-conv" / "fused-linear": the same
+  layer's parameters through the op family's whole-layer op `clusterfx.ops.paca.paca_layer`
+  (impl "cpu": the fused C++ forward; CPU only). All on an √N×√N grid, M = `--clusters`.
 - core: `F.scaled_dot_product_attention(q, k, v)` against `clusterfx::paca_attention(q, k, v,
   logits)` (impl auto) on (1, heads, N, C / heads) with given logits (1, M, N): the attention
   alone, without projections or the clustering head.
@@ -62,7 +64,8 @@ import torch.nn.functional as F
 from clusterfx.apps.common import proc_status_kib
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LAYER = ("dense-sdpa", "dense-mha", "paca-conv", "paca-linear")
+LAYER = ("dense-sdpa", "dense-mha", "paca-conv", "paca-linear", "fused-conv", "fused-linear")
+FUSED = ("fused-conv", "fused-linear")
 CORE = ("sdpa-core", "paca-core")
 DPC = ("dpc-global", "dpc-local", "dpc-reference")
 PEAK = "gemm"
@@ -74,6 +77,10 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 TARGETS = (
     ("PaCa layer vs dense MHA at 3136 >= 25x", "layer", "paca-conv", "dense-mha", 3136, 25),
     ("PaCa layer vs dense MHA at 12544 >= 60x", "layer", "paca-conv", "dense-mha", 12544, 60),
+    ("PaCa fused layer op vs dense MHA at 3136 >= 25x", "layer", "fused-conv", "dense-mha", 3136,
+     25),
+    ("PaCa fused layer op vs dense MHA at 12544 >= 60x", "layer", "fused-conv", "dense-mha",
+     12544, 60),
     ("PaCa layer vs dense SDPA layer at 3136 >= 25x", "layer", "paca-conv", "dense-sdpa", 3136,
      25),
     ("PaCa layer vs dense SDPA layer at 12544 >= 60x", "layer", "paca-conv", "dense-sdpa",
@@ -111,7 +118,7 @@ def build(method: str, n: int, cfg: dict) -> tuple[Callable, tuple]:
     """(fn, inputs) of one case, seeded; modules in eval mode on cfg's device and dtype."""
     from clusterfx.models.paca_vit import PaCaAttention
     from clusterfx.ops.dpc_knn import dpc_knn
-    from clusterfx.ops.paca import paca_attention
+    from clusterfx.ops.paca import paca_attention, paca_layer
 
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
@@ -123,8 +130,12 @@ def build(method: str, n: int, cfg: dict) -> tuple[Callable, tuple]:
         mha = torch.nn.MultiheadAttention(c, h, batch_first=True).to(dev, dtype).eval()
         return (lambda x: mha(x, x, x)[0]), (rand(1, n, c),)
     if method in LAYER:
-        clusters, kind = (0, "conv") if method == "dense-sdpa" else (m, method[5:])
+        clusters, kind = (0, "conv") if method == "dense-sdpa" else (m, method.split("-")[1])
         layer = PaCaAttention(c, h, clusters=clusters, clustering=kind).to(dev, dtype).eval()
+        if method in FUSED:
+            params = layer.paca_parameters()
+            return (lambda x: paca_layer(x, (side, side), impl="cpu", **params)[0]), (
+                rand(1, n, c),)
         return (lambda x: layer(x, (side, side))[0]), (rand(1, n, c),)
     if method == PEAK:
         a, b = rand(GEMM_SIZE, GEMM_SIZE), rand(GEMM_SIZE, GEMM_SIZE)
@@ -152,8 +163,8 @@ def matmul_flops(method: str, n: int, cfg: dict) -> float | None:
     pooled = 4 * m * n * c  # z·k and z·v (the op pools keys and values)
     if method == "paca-core":
         return pooled + 4 * n * m * c
-    if method in ("paca-conv", "paca-linear"):
-        head = (2 * n * c * 49 + 2 * n * c * c + 2 * n * c * m if method == "paca-conv"
+    if method in ("paca-conv", "paca-linear", *FUSED):
+        head = (2 * n * c * 49 + 2 * n * c * c + 2 * n * c * m if method.endswith("conv")
                 else 2 * n * c * m)  # depthwise 7×7, 1×1, 1×1 to M | linear to M
         return head + 2 * m * n * c + 4 * n * c * c + 4 * m * c * c + 4 * n * m * c
     return None
@@ -198,7 +209,8 @@ def peak_memory(method: str, n: int, cfg: dict) -> int | None:
 
 
 def _methods(n: int, cfg: dict) -> list[tuple[str, str]]:
-    groups = [("layer", m) for m in LAYER] + [("core", m) for m in CORE]
+    groups = [("layer", m) for m in LAYER if cfg["device"] == "cpu" or m not in FUSED]
+    groups += [("core", m) for m in CORE]
     dpc = ["dpc-global", "dpc-local"]
     if cfg["reference"] and n <= 3136 and cfg["device"] == "cpu":
         dpc.append("dpc-reference")

@@ -107,6 +107,22 @@ class PaCaAttention(nn.Module):
         self.record_assignment = False
         self.last_assignment: torch.Tensor | None = None
 
+    def paca_parameters(self) -> dict:
+        """The layer's parameters as ``clusterfx.ops.paca.paca_layer`` takes them (keyword
+        arguments after x and grid): kind, head (the clustering head's parameters in order),
+        q, kv, proj ((weight, bias) pairs), heads, norm ((weight, bias, eps))."""
+        if self.clustering is None:
+            raise ValueError("paca_parameters: this layer has no clustering head (dense, or it "
+                             "shares its stage's assignment)")
+        net = self.clustering.net
+        modules = net if isinstance(net, nn.Sequential) else [net]
+        norm = self.cluster_norm
+        return {"kind": self.clustering.kind,
+                "head": [p for module in modules for p in module.parameters()],
+                "q": (self.q.weight, self.q.bias), "kv": (self.kv.weight, self.kv.bias),
+                "proj": (self.proj.weight, self.proj.bias), "heads": self.heads,
+                "norm": (norm.weight, norm.bias, norm.eps)}
+
     def assignment(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """z = softmax over the patches of the cluster logits: (B, N, C) -> (B, M, N)."""
         return self.clustering(x, grid).softmax(dim=-1)

@@ -19,10 +19,27 @@ def test_small_run_reports_every_method(tmp_path, capsys):
     methods = {(r["n"], r["method"]) for r in data["results"]}
     for n in (64, 256):
         assert {(n, m) for m in ("dense-sdpa", "dense-mha", "paca-conv", "paca-linear",
-                                 "sdpa-core", "paca-core", "dpc-global", "dpc-local",
-                                 "dpc-reference")} <= methods
+                                 "fused-conv", "fused-linear", "sdpa-core", "paca-core",
+                                 "dpc-global", "dpc-local", "dpc-reference")} <= methods
     assert all(r["time_s"] > 0 and r["speedup"] > 0 for r in data["results"])
     assert data["targets"] == []  # the targets are at N = 3136 and 12544
+
+
+def test_fused_cases_compute_the_model_layers_outputs():
+    """fused-conv / fused-linear run the same layer (same seed, same parameters) as paca-conv /
+    paca-linear through ops.paca.paca_layer: equal outputs, so the ratios compare like with
+    like."""
+    import torch
+
+    from clusterfx.bench.paca import build
+
+    cfg = {"device": "cpu", "dtype": "float32", "dim": 16, "heads": 2, "clusters": 8}
+    with torch.no_grad():
+        for kind in ("conv", "linear"):
+            fn, inputs = build(f"paca-{kind}", 256, cfg)
+            fused, fused_inputs = build(f"fused-{kind}", 256, cfg)
+            torch.testing.assert_close(fused_inputs[0], inputs[0], rtol=0, atol=0)
+            torch.testing.assert_close(fused(*fused_inputs), fn(*inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_memory_worker_measures_a_case_in_a_subprocess():
@@ -51,7 +68,7 @@ def test_flop_counts_agree_with_torch_flop_counter():
     cfg = {"device": "cpu", "dtype": "float32", "dim": 16, "heads": 2, "clusters": 8}
     n, c, m = 64, 16, 8
     unseen = {"dense-sdpa": 4 * n * n * c, "paca-conv": 4 * n * m * c,
-              "paca-linear": 4 * n * m * c, "paca-core": 0}
+              "paca-linear": 4 * n * m * c, "paca-core": 0}  # fused-*: C++, unseen
     for method, sdpa in unseen.items():
         fn, inputs = build(method, n, cfg)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -19,12 +19,8 @@ needs_kernels = pytest.mark.skipif(not NATIVE_LIBRARY.available(),
 
 def layer_args(layer: PaCaAttention, norm: bool = True) -> dict:
     """paca_layer's keyword arguments from a model layer's parameters."""
-    head = [p for module in layer.clustering.net for p in module.parameters()] if isinstance(
-        layer.clustering.net, torch.nn.Sequential) else [layer.clustering.net.weight]
-    ln = layer.cluster_norm
-    return dict(kind=layer.clustering.kind, head=head, q=(layer.q.weight, layer.q.bias),
-                kv=(layer.kv.weight, layer.kv.bias), proj=(layer.proj.weight, layer.proj.bias),
-                heads=layer.heads, norm=(ln.weight, ln.bias, ln.eps) if norm else None)
+    args = layer.paca_parameters()
+    return args if norm else {**args, "norm": None}
 
 
 def make(kind, dim=20, heads=2, clusters=6, grid=(7, 9), batch=2, dtype=torch.float64,
