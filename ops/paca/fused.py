@@ -1,22 +1,24 @@
-"""Fused CPU query side of a patch-to-cluster attention layer: the C++ kernel of
-``csrc/paca.cpp``, for inference.
+"""The fused CPU forward of a whole patch-to-cluster attention layer (``paca_layer``'s
+impl="cpu"): the C++ kernels of ``csrc/paca.cpp``, for inference.
 
-``projected_attention(x, wq, bq, k, v, wo, bo, heads, scale)`` computes, for x (B, N, Cin) and
-M cluster keys and values k (B, M, H·D), v (B, M, H·Dv)::
+- ``cluster_side(x, grid, dw, hidden, logits, prior)``: per tile of patches, on one thread and
+  in its cache, the clustering head (depthwise k×k + GELU, hidden linear + GELU, linear to M
+  logits, + prior), then per cluster the softmax over all N patches (maxima across tiles, exp
+  in place, sums) and z x as per-tile products summed at the end -> (z (B, M, N), z x).
+- ``projected_attention(x, wq, bq, k, v, wo, bo, heads, scale)``: for x (B, N, Cin) and M
+  cluster keys and values k (B, M, H·D), v (B, M, H·Dv)::
 
-    out = concat_h( softmax(scale (x Wqᵀ + bq)_h k_hᵀ) v_h ) Woᵀ + bo        (B, N, Cout)
+      out = concat_h( softmax(scale (x Wqᵀ + bq)_h k_hᵀ) v_h ) Woᵀ + bo        (B, N, Cout)
 
-N queries attend to M << N keys, so each tile of up to 256 queries runs its query projection,
-per head its scores, softmax and ``P V`` (two GEMMs), and the output projection on one thread,
-in its cache: no (B, H, N, D) transposes, no N-sized intermediate in memory, one parallel
-region per call. k and v are read in place by strides (e.g. the two halves of a fused kv
-projection). Measured against the torch form (q linear, SDPA, transpose, output linear) at C =
-96, 2 heads, M = 100, 2 CPU threads: 2.0 vs 2.3 ms at N = 3136, 8.1 vs 12.1-14.8 ms at 12544.
+  per tile of queries: the query projection, per head the scores, softmax and ``P V`` (two
+  GEMMs), the output projection; k and v are read in place by strides (the two halves of a
+  fused kv projection).
+- ``layer_forward``: the two around the M-row LayerNorm and kv projection (torch).
 
-Forward only, no autograd: ``available_for`` is False where a gradient is wanted (or under
-torch.compile tracing), and the caller (``models.paca_vit.PaCaAttention``) keeps the torch form
-there. float32 and float64; equal to the torch form up to rounding (tests). Each call counts
-``counters["projected_attention.fused"]``.
+No (B, H, N, D) transposes, no N-sized intermediate but the (B, N, M) assignment, a few
+parallel regions per call. Forward only, no autograd: ``available_for`` is False where a
+gradient is wanted (or under torch.compile tracing); ``paca_layer`` then runs the torch form.
+float32 and float64; equal to the torch form up to rounding (tests/ops/test_paca_layer.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _INTS = ("B", "N", "H", "D", "Dv", "M", "Cin", "Cout", "tile", "threads", "is_do
          "xN", "kB", "kM", "vB", "vM", "oB", "oN")
 _PTRS = ("x", "k", "v", "wq", "bq", "wo", "bo", "out")
 DTYPES = (torch.float32, torch.float64)
-TILE = 256  # rows (patches or queries) per work item, about (see _tile)
+TILE = 512  # rows (patches or queries) per work item, about (see _tile)
 
 
 class _Args(ctypes.Structure):
