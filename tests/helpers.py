@@ -103,3 +103,15 @@ def count_targets(gm: torch.fx.GraphModule, *targets) -> int:
 
 def canonical_count(gm: torch.fx.GraphModule) -> int:
     return count_targets(gm, canonical_attention)
+
+
+def assert_same_values_and_grads(got: torch.Tensor, want: torch.Tensor, wrt, atol: float = 1e-12
+                                 ) -> None:
+    """got == want (to atol) and so are their gradients with respect to ``wrt`` for one random
+    output gradient (got and want must come from separate graphs)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad((got * g).sum(), tuple(wrt))
+    expected = torch.autograd.grad((want * g).sum(), tuple(wrt))
+    for a, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=atol)

@@ -17,6 +17,7 @@ from clusterfx.models.tcformer_tokens import (
     token_downup,
 )
 from clusterfx.ops.dpc_knn import dpc_knn_reference
+from tests.helpers import assert_same_values_and_grads
 
 
 def count(model):
@@ -202,12 +203,7 @@ def test_conv_clustering_head_equals_its_convolutions():
     x = torch.randn(2, 6 * 4, 12, dtype=torch.float64, requires_grad=True)
     got = head(x, (6, 4))
     want = head.net(x.transpose(1, 2).reshape(2, 12, 6, 4)).flatten(2)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    g = torch.randn_like(want)
-    grads = torch.autograd.grad((got * g).sum(), (x, *head.parameters()))
-    expected = torch.autograd.grad((want * g).sum(), (x, *head.parameters()))
-    for a, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+    assert_same_values_and_grads(got, want, (x, *head.parameters()))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
@@ -239,9 +235,4 @@ def test_conv_mlp_depthwise_on_tokens_equals_the_nchw_convolution(contiguous):
     h = mlp.fc1(x)
     fmap = h.transpose(1, 2).reshape(2, 10, 5, 3)
     want = mlp.fc2(torch.nn.functional.gelu(h + mlp.dw(fmap).flatten(2).transpose(1, 2)))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    g = torch.randn_like(want)
-    grads = torch.autograd.grad((got * g).sum(), (wide, *mlp.parameters()))
-    expected = torch.autograd.grad((want * g).sum(), (wide, *mlp.parameters()))
-    for a, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+    assert_same_values_and_grads(got, want, (wide, *mlp.parameters()))

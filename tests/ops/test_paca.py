@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from clusterfx.ops.common.telemetry import counters
 from clusterfx.ops.paca import PatchClustering, paca_attention, paca_attention_reference
-from tests.helpers import tolerance
+from tests.helpers import assert_same_values_and_grads, tolerance
 
 
 def make(b=2, h=3, n=21, d=8, m=5, prefix=1, dtype=torch.float64, seed=0, dv=None):
@@ -173,12 +173,7 @@ def test_conv_patch_clustering_equals_its_convolutions():
     fmap = F.gelu(F.conv2d(fmap, head.dw.weight, head.dw.bias, padding=3, groups=12))
     fmap = F.gelu(F.conv2d(fmap, head.pw.weight, head.pw.bias))
     want = F.conv2d(fmap, head.out.weight).flatten(2) + head.prior
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    g = torch.randn_like(want)
-    grads = torch.autograd.grad((got * g).sum(), (x, *head.parameters()))
-    expected = torch.autograd.grad((want * g).sum(), (x, *head.parameters()))
-    for a, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+    assert_same_values_and_grads(got, want, (x, *head.parameters()))
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
