@@ -91,5 +91,50 @@ def validate_layer(x, grid, kind, head, q, kv, proj, heads, norm, prior, impl) -
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"paca_layer: a {name} parameter is {t.dtype} on {t.device}; "
                              f"every parameter must match x ({x.dtype} on {x.device})")
-    if prior is not None and (prior.dim() != 2 or prior.shape[1] != n):
-        raise ValueError(f"paca_layer: prior {tuple(prior.shape)} must be (M, N = {n})")
+    m = _check_head(kind, head, c)
+    if prior is not None and tuple(prior.shape) != (m, n):
+        raise ValueError(f"paca_layer: prior {tuple(prior.shape)} must be (M, N) = ({m}, {n})")
+    for name, (_, bias), rows in (("q", q, c), ("kv", kv, 2 * c), ("proj", proj, c)):
+        _check_shape(f"{name} bias", bias, (rows,))
+    if norm is not None:
+        for t in norm[:2]:
+            _check_shape("norm weight/bias", t, (c,))
+
+
+def _check_shape(name: str, t, shape: tuple, optional: bool = True) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else t
+        raise ValueError(f"paca_layer: the {name} must be {shape}, got {got}")
+
+
+def _check_head(kind: str, head, c: int) -> int:
+    """Check the clustering head's parameter shapes (the fused kernels read them by pointer);
+    returns M."""
+    if kind == "conv":
+        w_dw, b_dw, w_pw, b_pw, w_out = head
+        k = w_dw.shape[-1] if w_dw.dim() == 4 else 0
+        if w_dw.dim() != 4 or tuple(w_dw.shape) != (c, 1, k, k) or k % 2 == 0:
+            raise ValueError(f"paca_layer: the depthwise weight must be (C, 1, k, k) with C = "
+                             f"{c} and k odd, got {tuple(w_dw.shape)}")
+        _check_shape("depthwise bias", b_dw, (c,))
+        hidden = w_pw.shape[0]
+        _check_shape("hidden weight", w_pw.reshape(w_pw.shape[0], -1) if w_pw.dim() == 4 else
+                     w_pw, (hidden, c), optional=False)
+        _check_shape("hidden bias", b_pw, (hidden,))
+        m = w_out.shape[0]
+        _check_shape("logits weight", w_out.reshape(m, -1) if w_out.dim() == 4 else w_out,
+                     (m, hidden), optional=False)
+        return m
+    if kind == "mlp":
+        w1, b1, w2, b2 = head
+        hidden, m = w1.shape[0], w2.shape[0]
+        _check_shape("hidden weight", w1, (hidden, c), optional=False)
+        _check_shape("hidden bias", b1, (hidden,))
+        _check_shape("logits weight", w2, (m, hidden), optional=False)
+        _check_shape("logits bias", b2, (m,))
+        return m
+    (w,) = head
+    _check_shape("logits weight", w, (w.shape[0], c), optional=False)
+    return w.shape[0]

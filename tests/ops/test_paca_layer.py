@@ -154,8 +154,24 @@ def test_errors_name_the_value():
     with pytest.raises(ValueError, match=r"a q parameter is torch.float32 on cpu; every "
                                          r"parameter must match x \(torch.float64 on cpu\)"):
         paca_layer(x, (7, 9), **{**args, "q": (args["q"][0].float(), args["q"][1])})
-    with pytest.raises(ValueError, match=r"prior \(6, 62\) must be \(M, N = 63\)"):
+    with pytest.raises(ValueError, match=r"prior \(6, 62\) must be \(M, N\) = \(6, 63\)"):
         paca_layer(x, (7, 9), prior=torch.zeros(6, 62, dtype=x.dtype), **args)
+    head = args["head"]
+    bad_heads = [
+        ([torch.zeros(20, 1, 4, 4, dtype=x.dtype), *head[1:]], r"depthwise weight must be "
+         r"\(C, 1, k, k\) with C = 20 and k odd, got \(20, 1, 4, 4\)"),
+        ([head[0], torch.zeros(19, dtype=x.dtype), *head[2:]], r"depthwise bias must be "
+         r"\(20,\), got \(19,\)"),
+        ([*head[:2], torch.zeros(20, 18, 1, 1, dtype=x.dtype), *head[3:]], r"hidden weight must "
+         r"be \(20, 20\), got \(20, 18\)"),
+        ([*head[:4], torch.zeros(6, 21, 1, 1, dtype=x.dtype)], r"logits weight must be \(6, 20\)"
+         r", got \(6, 21\)"),
+    ]
+    for bad, message in bad_heads:
+        with pytest.raises(ValueError, match=message):
+            paca_layer(x, (7, 9), impl="reference", **{**args, "head": bad})
+    with pytest.raises(ValueError, match=r"the kv bias must be \(40,\), got \(39,\)"):
+        paca_layer(x, (7, 9), **{**args, "kv": (args["kv"][0], torch.zeros(39, dtype=x.dtype))})
     if NATIVE_LIBRARY.available():
         with pytest.raises(ValueError, match=r"impl='cpu'\) is the fused forward for inference"):
             paca_layer(x, (7, 9), impl="cpu", **args)  # the parameters want gradients
