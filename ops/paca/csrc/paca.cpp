@@ -84,7 +84,7 @@ inline void gelu(float* p, i64 n) {
 
 // One output patch of the depthwise convolution: out[c] = bias[c] + sum over the taps (rows
 // r0..r1, columns q0..q1 of the grid; (rt, qt) = the patch of tap (0, 0)) of tap * x. Portable
-// version: channels in blocks of 32 accumulated across the taps.
+// version (double, or no AVX-512): channels in blocks of 32 accumulated across the taps.
 template <typename T>
 void depthwise_patch(const T* x, const T* taps, i64 C, i64 W, i64 K, i64 rt, i64 qt, i64 r0,
                      i64 r1, i64 q0, i64 q1, const T* bias, T* out) {
@@ -103,43 +103,73 @@ void depthwise_patch(const T* x, const T* taps, i64 C, i64 W, i64 K, i64 rt, i64
   }
 }
 
-#if defined(__AVX512F__)
-// float with AVX-512: NB blocks of 16 channels held in registers across all taps (independent
-// FMA chains; the portable loop above is latency-bound on its accumulators).
-template <int NB>
-void depthwise_block(const float* x, const float* taps, i64 C, i64 c0, i64 W, i64 K, i64 rt,
-                     i64 qt, i64 r0, i64 r1, i64 q0, i64 q1, const float* bias, float* out) {
-  __m512 acc[NB];
-  __mmask16 mask[NB];
-  for (int j = 0; j < NB; ++j) {
-    const i64 rem = C - c0 - 16 * j;
-    mask[j] = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
-    acc[j] = bias ? _mm512_maskz_loadu_ps(mask[j], bias + c0 + 16 * j) : _mm512_setzero_ps();
+// The depthwise convolution of tile rows [n0, n0 + t) of one image: y (t x C). Portable
+// version: one output patch at a time.
+template <typename T>
+void depthwise_tile(const T* x, const T* taps, i64 C, i64 Hg, i64 Wg, i64 K, i64 n0, i64 t,
+                    const T* bias, T* y) {
+  const i64 half = K / 2;
+  for (i64 i = 0; i < t; ++i) {
+    const i64 n = n0 + i, r = n / Wg, q = n % Wg;
+    const i64 r0 = std::max<i64>(0, r - half), r1 = std::min<i64>(Hg - 1, r + half);
+    const i64 q0 = std::max<i64>(0, q - half), q1 = std::min<i64>(Wg - 1, q + half);
+    depthwise_patch(x, taps, C, Wg, K, r - half, q - half, r0, r1, q0, q1, bias, y + i * C);
   }
-  for (i64 rr = r0; rr <= r1; ++rr)
-    for (i64 qq = q0; qq <= q1; ++qq) {
-      const float* src = x + (rr * W + qq) * C + c0;
-      const float* tap = taps + ((rr - rt) * K + (qq - qt)) * C + c0;
-      for (int j = 0; j < NB; ++j)
-        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask[j], tap + 16 * j),
-                                 _mm512_maskz_loadu_ps(mask[j], src + 16 * j), acc[j]);
-    }
-  for (int j = 0; j < NB; ++j) _mm512_mask_storeu_ps(out + c0 + 16 * j, mask[j], acc[j]);
 }
 
+#if defined(__AVX512F__)
+// float with AVX-512: the tile's input rows (plus K/2 above and below) are copied once into a
+// zero-padded buffer, so no tap needs a bounds check; then per 16-channel block and run of 8
+// neighbouring outputs of one image row, 8 accumulators stay in registers across the K x K
+// taps, each tap vector loaded once for the 8 (the per-patch loop above was bound by loads
+// from L2: 0.88 ms per thread at N = 3136, C = 96).
 template <>
-void depthwise_patch<float>(const float* x, const float* taps, i64 C, i64 W, i64 K, i64 rt,
-                            i64 qt, i64 r0, i64 r1, i64 q0, i64 q1, const float* bias,
-                            float* out) {
-  for (i64 c0 = 0; c0 < C; c0 += 128) {  // up to 8 blocks (128 channels) per pass
-    switch (std::min<i64>(8, (C - c0 + 15) / 16)) {
-#define CFX_DW_CASE(nb) \
-  case nb:              \
-    depthwise_block<nb>(x, taps, C, c0, W, K, rt, qt, r0, r1, q0, q1, bias, out); \
-    break;
-      CFX_DW_CASE(1) CFX_DW_CASE(2) CFX_DW_CASE(3) CFX_DW_CASE(4)
-      CFX_DW_CASE(5) CFX_DW_CASE(6) CFX_DW_CASE(7) CFX_DW_CASE(8)
-#undef CFX_DW_CASE
+void depthwise_tile<float>(const float* x, const float* taps, i64 C, i64 Hg, i64 Wg, i64 K,
+                           i64 n0, i64 t, const float* bias, float* y) {
+  constexpr i64 kRun = 8;
+  const i64 half = K / 2, r_first = n0 / Wg, r_last = (n0 + t - 1) / Wg;
+  const i64 rows = r_last - r_first + 1 + 2 * half, cols = Wg + 2 * half + kRun;
+  thread_local std::vector<float> pad;
+  pad.resize(rows * cols * C);
+  for (i64 pr = 0; pr < rows; ++pr) {  // zero only what no input row fills
+    const i64 rr = r_first - half + pr;
+    float* row = pad.data() + pr * cols * C;
+    if (rr < 0 || rr >= Hg) {
+      std::fill(row, row + cols * C, 0.f);
+      continue;
+    }
+    std::fill(row, row + half * C, 0.f);
+    std::memcpy(row + half * C, x + rr * Wg * C, sizeof(float) * Wg * C);
+    std::fill(row + (half + Wg) * C, row + cols * C, 0.f);
+  }
+  for (i64 r = r_first; r <= r_last; ++r) {
+    const i64 qa = r == r_first ? n0 % Wg : 0;
+    const i64 qb = r == r_last ? (n0 + t - 1) % Wg : Wg - 1;
+    const float* prow = pad.data() + (r - r_first) * cols * C;  // pad row of input row r - half
+    for (i64 c0 = 0; c0 < C; c0 += 16) {
+      const i64 rem = C - c0;
+      const __mmask16 mask = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+      const __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
+      for (i64 q0 = qa; q0 <= qb; q0 += kRun) {
+        // eight named accumulators: as an array GCC keeps them in memory (a store per FMA)
+        __m512 a0 = b0, a1 = b0, a2 = b0, a3 = b0, a4 = b0, a5 = b0, a6 = b0, a7 = b0;
+        for (i64 dr = 0; dr < K; ++dr) {
+          const float* src = prow + (dr * cols + q0) * C + c0;  // pad column q0 + dq
+          const float* tap = taps + dr * K * C + c0;
+          for (i64 dq = 0; dq < K; ++dq) {
+            const __m512 w = _mm512_maskz_loadu_ps(mask, tap + dq * C);
+            const float* p = src + dq * C;
+#define CFX_DW_FMA(acc, j) acc = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, p + (j) * C), acc)
+            CFX_DW_FMA(a0, 0); CFX_DW_FMA(a1, 1); CFX_DW_FMA(a2, 2); CFX_DW_FMA(a3, 3);
+            CFX_DW_FMA(a4, 4); CFX_DW_FMA(a5, 5); CFX_DW_FMA(a6, 6); CFX_DW_FMA(a7, 7);
+#undef CFX_DW_FMA
+          }
+        }
+        const __m512 acc[kRun] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        const i64 nq = std::min(kRun, qb - q0 + 1);
+        for (i64 j = 0; j < nq; ++j)
+          _mm512_mask_storeu_ps(y + (r * Wg + q0 + j - n0) * C + c0, mask, acc[j]);
+      }
     }
   }
 }
@@ -162,14 +192,7 @@ void cluster_logits_item(const ClusterArgs& a, i64 b, i64 n0, i64 t, T* mx) {
     for (i64 c = 0; c < C; ++c)  // taps (K*K, C): channels contiguous per tap
       for (i64 j = 0; j < K * K; ++j) taps[j * C + c] = w[c * K * K + j];
     const T* bias = static_cast<const T*>(a.dw_b);
-    const i64 half = K / 2;
-    for (i64 i = 0; i < t; ++i) {
-      const i64 n = n0 + i, r = n / a.Wg, q = n % a.Wg;
-      const i64 r0 = std::max<i64>(0, r - half), r1 = std::min<i64>(a.Hg - 1, r + half);
-      const i64 q0 = std::max<i64>(0, q - half), q1 = std::min<i64>(a.Wg - 1, q + half);
-      depthwise_patch(x, taps, C, a.Wg, K, r - half, q - half, r0, r1, q0, q1, bias,
-                      y + i * C);
-    }
+    depthwise_tile(x, taps, C, a.Hg, a.Wg, K, n0, t, bias, y);
     gelu(y, t * C);
     in = y;
   }
