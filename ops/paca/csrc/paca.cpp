@@ -38,14 +38,19 @@ namespace {
 
 using cfx::i64;
 
-// rows[i, c] += bias[c] * f for a rows x cols block with row stride ld.
+// C = alpha op(A) op(B) + f bias (broadcast over the rows; bias may be null), row-major. With a
+// bias, C is filled with it first and the GEMM accumulates (beta = 1): one pass over C instead
+// of BLAS zeroing it (beta = 0) and a second pass adding the bias.
 template <typename T>
-void add_bias(T* rows, i64 n, i64 cols, i64 ld, const T* bias, T f) {
-  for (i64 i = 0; i < n; ++i) {
-    T* row = rows + i * ld;
+void gemm_bias(bool ta, bool tb, i64 M, i64 N, i64 K, T alpha, const T* A, i64 lda, const T* B,
+               i64 ldb, const T* bias, T f, T* C, i64 ldc) {
+  if (bias == nullptr) return cfx::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, T(0), C, ldc);
+  for (i64 i = 0; i < M; ++i) {
+    T* row = C + i * ldc;
 #pragma omp simd
-    for (i64 c = 0; c < cols; ++c) row[c] += f * bias[c];
+    for (i64 c = 0; c < N; ++c) row[c] = f * bias[c];
   }
+  cfx::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, T(1), C, ldc);
 }
 
 struct ClusterArgs {
@@ -198,17 +203,15 @@ void cluster_logits_item(const ClusterArgs& a, i64 b, i64 n0, i64 t, T* mx) {
   }
   i64 width = C;
   if (a.C1) {  // hidden linear + GELU
-    cfx::gemm(false, true, t, a.C1, C, T(1), in, C, static_cast<const T*>(a.w1), C, T(0), hid,
-              a.C1);
-    if (a.b1 != nullptr) add_bias(hid, t, a.C1, a.C1, static_cast<const T*>(a.b1), T(1));
+    gemm_bias(false, true, t, a.C1, C, T(1), in, C, static_cast<const T*>(a.w1), C,
+              static_cast<const T*>(a.b1), T(1), hid, a.C1);
     gelu(hid, t * a.C1);
     in = hid;
     width = a.C1;
   }
   T* lt = static_cast<T*>(a.zt) + (b * a.N + n0) * M;
-  cfx::gemm(false, true, t, M, width, T(1), in, width, static_cast<const T*>(a.w2), width, T(0),
-            lt, M);
-  if (a.b2 != nullptr) add_bias(lt, t, M, M, static_cast<const T*>(a.b2), T(1));
+  gemm_bias(false, true, t, M, width, T(1), in, width, static_cast<const T*>(a.w2), width,
+            static_cast<const T*>(a.b2), T(1), lt, M);
   if (a.prior != nullptr) {
     const T* prior = static_cast<const T*>(a.prior);
     for (i64 i = 0; i < t; ++i)
@@ -326,9 +329,8 @@ void forward_item(const PacaArgs& a, i64 item) {
   T *q = buf.data(), *o = q + t * HD, *s = o + t * HDv, *sums = s + t * M;
 
   const T* x = static_cast<const T*>(a.x) + b * a.xB + n0 * a.xN;
-  cfx::gemm(false, true, t, HD, a.Cin, scale, x, a.xN, static_cast<const T*>(a.wq), a.Cin,
-            T(0), q, HD);
-  if (a.bq != nullptr) add_bias(q, t, HD, HD, static_cast<const T*>(a.bq), scale);
+  gemm_bias(false, true, t, HD, a.Cin, scale, x, a.xN, static_cast<const T*>(a.wq), a.Cin,
+            static_cast<const T*>(a.bq), scale, q, HD);
 
   for (i64 h = 0; h < H; ++h) {
     const T* k = static_cast<const T*>(a.k) + b * a.kB + h * D;
@@ -351,9 +353,8 @@ void forward_item(const PacaArgs& a, i64 item) {
   }
 
   T* out = static_cast<T*>(a.out) + b * a.oB + n0 * a.oN;
-  cfx::gemm(false, true, t, a.Cout, HDv, T(1), o, HDv, static_cast<const T*>(a.wo), HDv, T(0),
-            out, a.oN);
-  if (a.bo != nullptr) add_bias(out, t, a.Cout, a.oN, static_cast<const T*>(a.bo), T(1));
+  gemm_bias(false, true, t, a.Cout, HDv, T(1), o, HDv, static_cast<const T*>(a.wo), HDv,
+            static_cast<const T*>(a.bo), T(1), out, a.oN);
 }
 
 }  // namespace
