@@ -89,6 +89,30 @@ def test_fused_with_a_prior_and_without_the_norm(norm):
 
 
 @needs_kernels
+def test_fused_softmax_merge_with_minus_inf_logits():
+    """The fused softmax over the patches is merged tile by tile: a cluster whose logits are
+    -inf over whole tiles (a prior masking patches out) equals the torch form; a cluster that
+    is -inf everywhere is NaN in both (0 / 0), and only its z row and z·x row are."""
+    layer, x = make("linear", grid=(6, 8), batch=1)
+    args = layer_args(layer, norm=False)
+    prior = torch.zeros(6, 48, dtype=torch.float64)
+    prior[0, :30] = float("-inf")  # tiles 0.. of cluster 0 masked out
+    prior[2, 20:] = float("-inf")
+    want_out, want_z = paca_layer_reference(x, (6, 8), prior=prior, **args)
+    with torch.no_grad():
+        got_out, got_z = paca_layer(x, (6, 8), prior=prior, impl="cpu", **args)
+    torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
+    assert (got_z[0, 0, :30] == 0).all() and (got_z[0, 2, 20:] == 0).all()
+    prior[4] = float("-inf")
+    _, want_z = paca_layer_reference(x, (6, 8), prior=prior, **args)
+    with torch.no_grad():
+        _, got_z = paca_layer(x, (6, 8), prior=prior, impl="cpu", **args)
+    assert torch.isnan(want_z[0, 4]).all() and torch.isnan(got_z[0, 4]).all()
+    torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+@needs_kernels
 @pytest.mark.parametrize("n_side", [16, 56])
 def test_fused_is_independent_of_the_thread_count(n_side):
     """Tiles follow the thread count; the result may only move by rounding (float64)."""

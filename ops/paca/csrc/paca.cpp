@@ -268,6 +268,12 @@ void cluster_logits_item(const ClusterArgs& a, i64 b, i64 n0, i64 t, T* mx) {
   }
 }
 
+// The softmax over all patches is merged tile by tile (as online softmax): each tile
+// exponentiates its logits against its own column maxima m_j (E_j = exp(L_j - m_j), a column
+// that is all -inf in the tile against 0, giving zeros), keeps its column sums and E_j^T X_j
+// while the tile is in cache; the merge rescales tile j by f_j = exp(m_j - max_j m_j) (0 for an
+// all -inf tile column). Non-finite logits end as torch's softmax does: a NaN or +inf makes
+// its cluster's column NaN (inf - inf), an all -inf column NaN (0 / 0).
 template <typename T>
 void cluster_forward(const ClusterArgs& a) {
   const i64 per = cluster_tiles(a), items = a.B * per, M = a.M, C = a.C;
@@ -277,24 +283,15 @@ void cluster_forward(const ClusterArgs& a) {
     *n0 = (item % per) * a.tile;
     *t = std::min(a.tile, a.N - *n0);
   };
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   cfx::parallel_items(items, static_cast<int>(a.threads), [&](i64 item) {
     i64 b, n0, t;
     rows(item, &b, &n0, &t);
-    cluster_logits_item<T>(a, b, n0, t, mx.data() + item * M);
-  });
-  // each cluster's max over all patches, from the tiles' maxima
-  for (i64 b = 0; b < a.B; ++b)
-    for (i64 j = 1; j < per; ++j)
-      for (i64 m = 0; m < M; ++m) {
-        T& top = mx[b * per * M + m];
-        const T v = mx[(b * per + j) * M + m];
-        top = v > top ? v : top;
-      }
-  // E = exp(L - max) in place, per-tile column sums and E^T X
-  cfx::parallel_items(items, static_cast<int>(a.threads), [&](i64 item) {
-    i64 b, n0, t;
-    rows(item, &b, &n0, &t);
-    const T* top = mx.data() + b * per * M;
+    T* top = mx.data() + item * M;
+    cluster_logits_item<T>(a, b, n0, t, top);
+    thread_local std::vector<T> shift;
+    shift.resize(M);
+    for (i64 m = 0; m < M; ++m) shift[m] = top[m] == kNegInf ? T(0) : top[m];
     T* e = static_cast<T*>(a.zt) + (b * a.N + n0) * M;
     T* sum = sums.data() + item * M;
     for (i64 m = 0; m < M; ++m) sum[m] = T(0);
@@ -302,28 +299,39 @@ void cluster_forward(const ClusterArgs& a) {
       T* row = e + i * M;
 #pragma omp simd
       for (i64 m = 0; m < M; ++m) {
-        row[m] = cfx::exp_approx(row[m] - top[m]);  // NaN stays NaN; inf - inf = NaN
+        row[m] = cfx::exp_approx(row[m] - shift[m]);  // NaN stays NaN; inf - inf = NaN
         sum[m] += row[m];
       }
     }
     const T* x = static_cast<const T*>(a.x) + (b * a.N + n0) * C;
     cfx::gemm(true, false, M, C, t, T(1), e, M, x, C, T(0), part.data() + item * M * C, C);
   });
+  // f_j (into mx) and 1 / sum_j f_j sums_j (into total), per batch row and cluster
   for (i64 b = 0; b < a.B; ++b)
     for (i64 m = 0; m < M; ++m) {
+      T top = kNegInf;
+      for (i64 j = 0; j < per; ++j) {
+        const T v = mx[(b * per + j) * M + m];
+        top = v > top ? v : top;  // NaN maxima are skipped (their sums are NaN already)
+      }
       T s = 0;
-      for (i64 j = 0; j < per; ++j) s += sums[(b * per + j) * M + m];
+      for (i64 j = 0; j < per; ++j) {
+        T& f = mx[(b * per + j) * M + m];
+        f = f == kNegInf ? T(0) : std::exp(f - top);
+        s += f * sums[(b * per + j) * M + m];
+      }
       total[b * M + m] = T(1) / s;
     }
-  // z x = sum over tiles / column sum; z^T columns normalised in place
+  // z x = sum over tiles f_j E_j^T X_j / column sum; z^T columns normalised in place
   cfx::parallel_items(a.B * M, static_cast<int>(a.threads), [&](i64 bm) {
     const i64 b = bm / M, m = bm % M;
     T* out = static_cast<T*>(a.zx) + bm * C;
     for (i64 c = 0; c < C; ++c) out[c] = T(0);
     for (i64 j = 0; j < per; ++j) {
       const T* p = part.data() + ((b * per + j) * M + m) * C;
+      const T f = mx[(b * per + j) * M + m];
 #pragma omp simd
-      for (i64 c = 0; c < C; ++c) out[c] += p[c];
+      for (i64 c = 0; c < C; ++c) out[c] += f * p[c];
     }
     const T inv = total[bm];
 #pragma omp simd
@@ -332,12 +340,14 @@ void cluster_forward(const ClusterArgs& a) {
   cfx::parallel_items(items, static_cast<int>(a.threads), [&](i64 item) {
     i64 b, n0, t;
     rows(item, &b, &n0, &t);
-    const T* inv = total.data() + b * M;
+    thread_local std::vector<T> scale;
+    scale.resize(M);
+    for (i64 m = 0; m < M; ++m) scale[m] = mx[item * M + m] * total[b * M + m];
     T* e = static_cast<T*>(a.zt) + (b * a.N + n0) * M;
     for (i64 i = 0; i < t; ++i) {
       T* row = e + i * M;
 #pragma omp simd
-      for (i64 m = 0; m < M; ++m) row[m] *= inv[m];
+      for (i64 m = 0; m < M; ++m) row[m] *= scale[m];
     }
   });
 }
