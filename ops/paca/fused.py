@@ -3,8 +3,9 @@ impl="cpu"): the C++ kernels of ``csrc/paca.cpp``, for inference.
 
 - ``cluster_side(x, grid, dw, hidden, logits, prior)``: per tile of patches, on one thread and
   in its cache, the clustering head (depthwise k×k + GELU, hidden linear + GELU, linear to M
-  logits, + prior), then per cluster the softmax over all N patches (maxima across tiles, exp
-  in place, sums) and z x as per-tile products summed at the end -> (z (B, M, N), z x).
+  logits, + prior), exponentiated against the tile's own maxima, with per-tile column sums and
+  E^T X; the tiles merge as in online softmax (the softmax over all N patches) -> (z (B, M, N),
+  z x).
 - ``projected_attention(x, wq, bq, k, v, wo, bo, heads, scale)``: for x (B, N, Cin) and M
   cluster keys and values k (B, M, H·D), v (B, M, H·Dv)::
 

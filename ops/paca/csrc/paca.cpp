@@ -4,8 +4,9 @@
 // cfx_paca_clusters: the cluster side. Per tile of patches (on one thread, in its cache): the
 // clustering head -- optional depthwise k x k convolution on the patch grid + GELU, optional
 // hidden linear + GELU, the linear to M logits (+ an optional (M, N) prior) -- written as
-// L^T (N x M); per cluster, the softmax over all N patches (column max across tiles, exp in
-// place, column sums) and the pooled tokens z x as per-tile E^T X products summed at the end.
+// L^T (N x M), exponentiated against the tile's own column maxima with the column sums and
+// E^T X kept per tile; the merge rescales the tiles (online softmax over all N patches) into
+// z x and normalises z^T in place.
 // Outputs z^T (B, N, M) (normalised; the caller returns its transpose view) and z x (B, M, C).
 //
 // cfx_paca_queries: the query side.
