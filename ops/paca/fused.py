@@ -59,7 +59,7 @@ LIB = native.Library("paca", [Path(__file__).resolve().parent / "csrc" / "paca.c
 
 
 def available_for(*tensors: torch.Tensor | None) -> bool:
-    """Whether ``projected_attention`` can run on these tensors: all on the CPU in one dtype
+    """Whether the fused kernels can run on these tensors: all on the CPU in one dtype
     among float32 / float64, no gradient wanted, not under torch.compile tracing, and the
     library loads (built by ``python -m clusterfx.ops.build``)."""
     present = [t for t in tensors if t is not None]
@@ -155,7 +155,7 @@ def cluster_side(x: torch.Tensor, grid: tuple[int, int], dw: tuple | None,
 def layer_forward(x, grid, kind, head, q, kv, proj, heads, norm, prior):
     """``paca_layer`` on the fused kernels (arguments validated there): the cluster side, the
     M-row LayerNorm and kv projection in torch, the query side."""
-    b, n, c = x.shape
+    c = x.shape[-1]
     if kind == "conv":
         w_dw, b_dw, w_pw, b_pw, w_out = head
         dw, hidden, logits = (w_dw, b_dw), (w_pw.flatten(1), b_pw), (w_out.flatten(1), None)
@@ -167,6 +167,6 @@ def layer_forward(x, grid, kind, head, q, kv, proj, heads, norm, prior):
     if norm is not None:
         pooled = F.layer_norm(pooled, (c,), norm[0], norm[1], norm[2])
     kvt = F.linear(pooled, *kv)  # (B, M, 2C)
-    out = projected_attention(x, q[0], q[1], kvt[..., :c], kvt[..., c:], proj[0], proj[1],
-                                    heads, (c // heads) ** -0.5)
+    out = projected_attention(x, q[0], q[1], kvt[..., :c], kvt[..., c:], proj[0], proj[1], heads,
+                              (c // heads) ** -0.5)
     return out, z
