@@ -85,6 +85,10 @@ inline float gelu_one(float x) {
   return 0.5f * x * (1.f + (u < 0.f ? -erf_a : erf_a));
 }
 
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector merge
+// argument (max_ps, roundscale_ps, scalef_ps); a known false positive
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 inline void gelu(float* p, i64 n) {
   i64 i = 0;
 #if defined(__AVX512F__)
@@ -130,6 +134,7 @@ inline void gelu(float* p, i64 n) {
 #endif
   for (; i < n; ++i) p[i] = gelu_one(p[i]);
 }
+#pragma GCC diagnostic pop
 
 // One output patch of the depthwise convolution: out[c] = bias[c] + sum over the taps (rows
 // r0..r1, columns q0..q1 of the grid; (rt, qt) = the patch of tap (0, 0)) of tap * x. Portable
