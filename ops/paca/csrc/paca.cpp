@@ -328,22 +328,25 @@ void cluster_forward(const ClusterArgs& a) {
       }
       total[b * M + m] = T(1) / s;
     }
-  // z x = sum over tiles f_j E_j^T X_j / column sum; z^T columns normalised in place
-  cfx::parallel_items(a.B * M, static_cast<int>(a.threads), [&](i64 bm) {
-    const i64 b = bm / M, m = bm % M;
-    T* out = static_cast<T*>(a.zx) + bm * C;
-    for (i64 c = 0; c < C; ++c) out[c] = T(0);
-    for (i64 j = 0; j < per; ++j) {
-      const T* p = part.data() + ((b * per + j) * M + m) * C;
-      const T f = mx[(b * per + j) * M + m];
+  // one parallel region: z x = sum over tiles f_j E_j^T X_j / column sum (items < B M), and
+  // the z^T tiles normalised in place (the other items)
+  cfx::parallel_items(a.B * M + items, static_cast<int>(a.threads), [&](i64 work) {
+    if (work < a.B * M) {
+      const i64 b = work / M, m = work % M;
+      T* out = static_cast<T*>(a.zx) + work * C;
+      for (i64 c = 0; c < C; ++c) out[c] = T(0);
+      for (i64 j = 0; j < per; ++j) {
+        const T* p = part.data() + ((b * per + j) * M + m) * C;
+        const T f = mx[(b * per + j) * M + m];
 #pragma omp simd
-      for (i64 c = 0; c < C; ++c) out[c] += f * p[c];
+        for (i64 c = 0; c < C; ++c) out[c] += f * p[c];
+      }
+      const T inv = total[work];
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) out[c] *= inv;
+      return;
     }
-    const T inv = total[bm];
-#pragma omp simd
-    for (i64 c = 0; c < C; ++c) out[c] *= inv;
-  });
-  cfx::parallel_items(items, static_cast<int>(a.threads), [&](i64 item) {
+    const i64 item = work - a.B * M;
     i64 b, n0, t;
     rows(item, &b, &n0, &t);
     thread_local std::vector<T> scale;
