@@ -141,7 +141,7 @@ class PaCaAttention(nn.Module):
         else:
             tokens = x
         q = self.q(x).view(b, n, h, c // h).transpose(1, 2)  # (B, h, N, C/h)
-        k, v = self.kv(tokens).view(b, -1, 2, h, c // h).permute(2, 0, 3, 1, 4)  # (B, h, M, C/h)
+        k, v = self.kv(tokens).view(b, tokens.shape[1], 2, h, c // h).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, C/h)
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), z
 

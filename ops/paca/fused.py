@@ -76,6 +76,7 @@ def available_for(*tensors: torch.Tensor | None) -> bool:
 def _tile(batch: int, n: int, threads: int) -> int:
     """Rows per work item: about TILE, with the item count a multiple of the thread count (so
     no thread waits on another's last item) and at least two items per thread."""
+    batch = max(1, batch)  # an empty batch runs no item
     items = max(2 * threads, -(-batch * n // TILE))
     items = -(-items // threads) * threads
     per_row = max(1, -(-items // batch))

@@ -64,7 +64,8 @@ def paca_layer_reference(x: torch.Tensor, grid: tuple[int, int], kind: str,
     tokens = z @ x
     if norm is not None:
         tokens = F.layer_norm(tokens, (c,), norm[0], norm[1], norm[2])
-    k, v = F.linear(tokens, *kv).view(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+    k, v = F.linear(tokens, *kv).view(b, tokens.shape[1], 2, heads, c // heads).permute(
+        2, 0, 3, 1, 4)
     qh = F.linear(x, *q).view(b, n, heads, c // heads).transpose(1, 2)
     out = F.scaled_dot_product_attention(qh, k, v)
     return F.linear(out.transpose(1, 2).reshape(b, n, c), *proj), z

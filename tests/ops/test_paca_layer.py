@@ -214,3 +214,24 @@ def test_the_model_sized_layer_at_3136_patches():
         got, z = paca_layer(x, (side, side), impl="cpu", **layer_args(layer))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z, z_want, rtol=1e-5, atol=1e-9)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "grid", "clusters", "kind"), [
+    (0, (3, 3), 4, "conv"), (1, (1, 1), 1, "conv"), (3, (2, 2), 1, "linear"),
+    (1, (1, 7), 9, "mlp"), (2, (9, 1), 2, "conv")])
+def test_edge_shapes(batch, grid, clusters, kind):
+    """An empty batch, one patch, one cluster, more clusters than patches, one-column grids:
+    the model layer, the torch form and the fused forward agree (float64)."""
+    torch.manual_seed(0)
+    layer = PaCaAttention(8, 2, clusters=clusters, clustering=kind).double().eval()
+    x = torch.randn(batch, grid[0] * grid[1], 8, dtype=torch.float64)
+    with torch.no_grad():
+        model_out, model_z = layer(x, grid)
+        want, z_want = paca_layer_reference(x, grid, **layer.paca_parameters())
+        got, z = paca_layer(x, grid, impl="cpu", **layer.paca_parameters())
+    assert got.shape == want.shape == model_out.shape == x.shape
+    assert z.shape == z_want.shape == (batch, clusters, grid[0] * grid[1])
+    torch.testing.assert_close(want, model_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z, z_want, rtol=1e-12, atol=1e-14)
