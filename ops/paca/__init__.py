@@ -29,6 +29,11 @@ counts its implementation in ``counters`` (``"paca_attention.cpu"``, ...). The o
 formula for ``torch.utils.flop_counter``.
 
 Shapes: q, k (B, H, N, D), v (B, H, N, Dv), logits (B, M, N - prefix) -> out (B, H, N, Dv).
+
+``paca_layer``: the whole PaCa-ViT attention layer from the patches (clustering head, z, the
+LayerNorm'd cluster tokens, k/v/q projections, attention, output projection), "reference"
+(``reference.py``, torch, differentiable) or "cpu" (``fused.py`` on ``csrc/paca.cpp``: the
+fused forward for inference). See its docstring.
 """
 
 from __future__ import annotations
