@@ -66,6 +66,36 @@ def output_and_param_grads(fn, inputs, params, keep=None):
     out = out.detach() if keep is None else out.detach() * keep[..., None]
     return out, [None if p.grad is None else p.grad.clone() for p in params]
 
+def errors_against(out, grads, want, want_grads) -> dict:
+    """Relative errors of an output and parameter gradients against the one-process ones:
+    out (max |Δ| / max |want|), grads (max |Δ| / the largest gradient entry), missing (how
+    many gradients exist on one side only)."""
+    scale = max(float(g.abs().max()) for g in want_grads if g is not None)
+    return {"out": float((out - want).abs().max() / want.abs().max()),
+            "grads": max(float((a - b).abs().max()) / scale
+                         for a, b in zip(grads, want_grads) if b is not None),
+            "missing": sum((a is None) != (b is None) for a, b in zip(grads, want_grads))}
+
+
+def site_records(compiled) -> list[dict]:
+    """Per site of a compiled model's report: its sequence-parallel summary, run-time paths,
+    planned and measured bytes per step (forward, backward), traffic counters and planned
+    collectives (name, phase, count)."""
+    import clusterfx as cfx
+
+    sites = []
+    for row in cfx.explain(compiled):
+        record = row.sequence_parallel
+        sites.append({"summary": record.summary(), "paths": dict(row.paths),
+                      "planned_fwd": record.bytes_per_step("fwd"),
+                      "planned_bwd": record.bytes_per_step("bwd"),
+                      "ran_fwd": row.measured_bytes_per_step("fwd"),
+                      "ran_bwd": row.measured_bytes_per_step("bwd"),
+                      "traffic": dict(row.traffic),
+                      "collectives": [(c.name, c.phase, c.count) for c in record.collectives]})
+    return sites
+
+
 def launch(target: str, world: int, args: dict[str, Any] | None = None, *,
            timeout: float = 300.0, collective_timeout: float = 60.0,
            expect_failure: bool = False, grace: float = 30.0) -> list[Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed_helpers import launch, output_and_param_grads
+from tests.distributed_helpers import errors_against, launch, output_and_param_grads
 
 pytestmark = pytest.mark.distributed
 
@@ -107,7 +107,6 @@ def model_cases(rank, world, cases):
             single = None if approximate else policy  # vs dense then
             want, want_grads = output_and_param_grads(cfx.compile(model, policy=single,
                                                 backend=case["backend"]), inputs, params)
-        scale = max(float(g.abs().max()) for g in want_grads if g is not None)
         report = cfx.explain(compiled)
         sites = []
         for row in report:
@@ -122,12 +121,8 @@ def model_cases(rank, world, cases):
                 "calls": {k: v for k, v in row.traffic.items() if k.endswith("calls")},
                 "paths": row.paths,
                 "planned": planned})
-        results.append({
-            "out": float((out - want).abs().max() / want.abs().max()),
-            "grads": max(float((a - b).abs().max()) / scale
-                         for a, b in zip(grads, want_grads) if b is not None),
-            "missing": sum((a is None) != (b is None) for a, b in zip(grads, want_grads)),
-            "sites": sites, "report": str(report) if rank == 0 else ""})
+        results.append({**errors_against(out, grads, want, want_grads), "sites": sites,
+                        "report": str(report) if rank == 0 else ""})
     return results
 
 

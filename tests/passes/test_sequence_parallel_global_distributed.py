@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed_helpers import launch, output_and_param_grads
+from tests.distributed_helpers import (
+    errors_against,
+    launch,
+    output_and_param_grads,
+    site_records,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -41,24 +46,8 @@ def compiled_cases(rank, world, cases):
         out, grads = output_and_param_grads(compiled, inputs, params)
         single = cfx.compile(model, policy=policy, backend=backend)
         want, want_grads = output_and_param_grads(single, inputs, params)
-        scale = max(float(g.abs().max()) for g in want_grads if g is not None)
-        sites = []
-        for row in cfx.explain(compiled):
-            record = row.sequence_parallel
-            sites.append({"summary": record.summary(), "paths": dict(row.paths),
-                          "planned_fwd": record.bytes_per_step("fwd"),
-                          "planned_bwd": record.bytes_per_step("bwd"),
-                          "ran_fwd": row.measured_bytes_per_step("fwd"),
-                          "ran_bwd": row.measured_bytes_per_step("bwd"),
-                          "traffic": dict(row.traffic),
-                          "collectives": [(c.name, c.phase, c.count) for c in
-                                          record.collectives]})
-        results.append({"out": float((out - want).abs().max() / want.abs().max()),
-                        "grads": max(float((a - b).abs().max()) / scale
-                                     for a, b in zip(grads, want_grads) if b is not None),
-                        "missing": sum((a is None) != (b is None)
-                                       for a, b in zip(grads, want_grads)),
-                        "sites": sites})
+        results.append({**errors_against(out, grads, want, want_grads),
+                        "sites": site_records(compiled)})
     return results
 
 
