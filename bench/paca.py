@@ -208,8 +208,15 @@ def peak_memory(method: str, n: int, cfg: dict) -> int | None:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def _fused_runs(cfg: dict) -> bool:
+    """The fused layer cases run on CPU where the fused kernels build and load."""
+    from clusterfx.ops.paca import NATIVE_LIBRARY
+
+    return cfg["device"] == "cpu" and NATIVE_LIBRARY.available()
+
+
 def _methods(n: int, cfg: dict) -> list[tuple[str, str]]:
-    groups = [("layer", m) for m in LAYER if cfg["device"] == "cpu" or m not in FUSED]
+    groups = [("layer", m) for m in LAYER if m not in FUSED or _fused_runs(cfg)]
     groups += [("core", m) for m in CORE]
     dpc = ["dpc-global", "dpc-local"]
     if cfg["reference"] and n <= 3136 and cfg["device"] == "cpu":
@@ -327,6 +334,11 @@ def run(args: argparse.Namespace) -> int:
               f"{load[0]:.2f} -> {load[1]:.2f} on {os.cpu_count()} cores; baselines: layer "
               f"dense-sdpa, core sdpa-core, dpc dpc-global")
     notes = [target_note(t) for t in targets]
+    if cfg["device"] == "cpu" and not _fused_runs(cfg):
+        from clusterfx.ops.common.native import unavailable_message
+        from clusterfx.ops.paca import NATIVE_LIBRARY
+
+        notes.append(f"fused-conv / fused-linear not run: {unavailable_message(NATIVE_LIBRARY)}")
     if cfg["device"] == "cpu":
         notes.append("no GPU measurement: this run had no CUDA device (the bf16 / flash SDPA "
                      "comparison runs with --device cuda)")

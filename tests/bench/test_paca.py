@@ -92,3 +92,22 @@ def test_target_ceiling_from_the_gemm_rate():
     rows[0]["time_s"] = 0.2
     t = next(x for x in evaluate_targets(rows) if x["target"].startswith("PaCa layer vs dense MHA"))
     assert "out of reach" not in target_note(t) and t["ceiling"] > 25
+
+
+def test_without_the_fused_kernels_the_fused_cases_are_skipped_with_the_reason(monkeypatch,
+                                                                               tmp_path, capsys):
+    from clusterfx.ops.common.native import NativeUnavailable
+    from clusterfx.ops.paca import NATIVE_LIBRARY
+
+    def unavailable():
+        raise NativeUnavailable("no C++ compiler (g++) here")
+
+    monkeypatch.setattr(NATIVE_LIBRARY, "available", lambda: False)
+    monkeypatch.setattr(NATIVE_LIBRARY, "load", unavailable)
+    out = tmp_path / "paca.json"
+    assert main(["bench", "paca", "--sizes", "64", "--dim", "16", "--clusters", "8",
+                 "--dpc-dim", "8", "--repeats", "1", "--no-memory", "--json", str(out)]) == 0
+    assert "fused-conv / fused-linear not run: no C++ compiler (g++) here" in \
+        capsys.readouterr().out
+    methods = {r["method"] for r in json.loads(out.read_text())["results"]}
+    assert "paca-conv" in methods and not methods & {"fused-conv", "fused-linear"}

@@ -119,12 +119,14 @@ def test_fused_is_independent_of_the_thread_count(n_side):
     layer, x = make("conv", dim=24, clusters=10, grid=(n_side, n_side), batch=1)
     args = layer_args(layer)
     threads = torch.get_num_threads()
-    with torch.no_grad():
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(paca_layer(x, (n_side, n_side), impl="cpu", **args)[0])
-    torch.set_num_threads(threads)
+    outs = []
+    try:
+        with torch.no_grad():
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                outs.append(paca_layer(x, (n_side, n_side), impl="cpu", **args)[0])
+    finally:
+        torch.set_num_threads(threads)
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-12, atol=1e-12)
 

@@ -232,19 +232,16 @@ void depthwise_tile<float>(const float* x, const float* taps, i64 C, i64 Hg, i64
 i64 cluster_tiles(const ClusterArgs& a) { return (a.N + a.tile - 1) / a.tile; }
 
 // Tile rows [n0, n0 + t) of batch b: the clustering head into L^T = zt rows, and each logit
-// column's maximum over the tile into mx (M).
+// column's maximum over the tile into mx (M). taps: the depthwise weights as (K*K, C).
 template <typename T>
-void cluster_logits_item(const ClusterArgs& a, i64 b, i64 n0, i64 t, T* mx) {
+void cluster_logits_item(const ClusterArgs& a, const T* taps, i64 b, i64 n0, i64 t, T* mx) {
   const i64 C = a.C, M = a.M, K = a.K;
   const T* x = static_cast<const T*>(a.x) + b * a.N * C;
   thread_local std::vector<T> buf;
-  buf.resize(t * (C + a.C1) + (K ? K * K * C : 0));
-  T *y = buf.data(), *hid = y + t * C, *taps = hid + t * a.C1;
+  buf.resize(t * (C + a.C1));
+  T *y = buf.data(), *hid = y + t * C;
   const T* in = x + n0 * C;  // the rows the first linear reads
   if (K) {  // depthwise K x K, 'same' zero padding, then GELU
-    const T* w = static_cast<const T*>(a.dw_w);
-    for (i64 c = 0; c < C; ++c)  // taps (K*K, C): channels contiguous per tap
-      for (i64 j = 0; j < K * K; ++j) taps[j * C + c] = w[c * K * K + j];
     const T* bias = static_cast<const T*>(a.dw_b);
     depthwise_tile(x, taps, C, a.Hg, a.Wg, K, n0, t, bias, y);
     gelu(y, t * C);
@@ -284,6 +281,10 @@ template <typename T>
 void cluster_forward(const ClusterArgs& a) {
   const i64 per = cluster_tiles(a), items = a.B * per, M = a.M, C = a.C;
   std::vector<T> mx(items * M), sums(items * M), part(items * M * C), total(a.B * M);
+  std::vector<T> taps(a.K * a.K * C);  // (K*K, C): channels contiguous per tap
+  for (i64 c = 0; c < C; ++c)
+    for (i64 j = 0; j < a.K * a.K; ++j)
+      taps[j * C + c] = static_cast<const T*>(a.dw_w)[c * a.K * a.K + j];
   const auto rows = [&](i64 item, i64* b, i64* n0, i64* t) {
     *b = item / per;
     *n0 = (item % per) * a.tile;
@@ -294,7 +295,7 @@ void cluster_forward(const ClusterArgs& a) {
     i64 b, n0, t;
     rows(item, &b, &n0, &t);
     T* top = mx.data() + item * M;
-    cluster_logits_item<T>(a, b, n0, t, top);
+    cluster_logits_item<T>(a, taps.data(), b, n0, t, top);
     thread_local std::vector<T> shift;
     shift.resize(M);
     for (i64 m = 0; m < M; ++m) shift[m] = top[m] == kNegInf ? T(0) : top[m];
